@@ -1,0 +1,710 @@
+"""The daemon: the imperative shell that wires Kafka, the result API and the pure core together.
+
+Flow: consume → parse (``messages``) → track (``tasks``) → schedule (``policy`` +
+``scheduler``) → poll (``api``) → build event (``events``) → produce and await the ack →
+mark the input offset done (``offsets``) → commit the finished prefix periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from bridge import __version__
+from bridge import events as ev
+from bridge import kafka as kafka_io
+from bridge.api import TERMINAL, ApiClient, Kind, Outcome, status_class
+from bridge.clock import Clock, SystemClock
+from bridge.config import Config
+from bridge.messages import Record, Rejected, parse_task
+from bridge.metrics import Metrics
+from bridge.offsets import OffsetTracker
+from bridge.policy import FixedInterval, PollPolicy, clamp_to_deadline, retry_delay
+from bridge.scheduler import Scheduler, TokenBucket
+from bridge.server import HealthServer
+from bridge.tasks import Task
+
+log = structlog.get_logger("wavespeed_bridge")
+
+Partition = tuple[str, int]
+
+
+def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:
+    p = config.polling
+    if p.policy == "adaptive":
+        from bridge.adaptive import AdaptivePolicy
+
+        return AdaptivePolicy.from_config(p, rng=rng)
+    return FixedInterval(p.interval_s, jitter=p.jitter, rng=rng)
+
+
+class Bridge:
+    """One bridge process. ``await bridge.run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        api_key: str | None,
+        clock: Clock | None = None,
+        policy: PollPolicy | None = None,
+        metrics: Metrics | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.policy = policy or make_policy(config, self.rng)
+        self.metrics = metrics or Metrics(
+            max_model_labels=config.polling.max_model_labels, version=__version__
+        )
+        a = config.api
+        self.api = ApiClient(
+            base_url=a.base_url,
+            result_path=a.result_path,
+            api_key=api_key,
+            connect_timeout_s=a.connect_timeout_s,
+            read_timeout_s=a.read_timeout_s,
+            max_connections=a.max_concurrent_requests,
+            max_response_bytes=a.max_response_bytes,
+            verify_tls=a.verify_tls,
+            transport=a.transport,
+            user_agent=f"{a.user_agent}/{__version__}",
+        )
+        budget = None
+        if a.requests_per_second > 0:
+            burst = a.budget_burst or max(1, round(a.requests_per_second))
+            budget = TokenBucket(a.requests_per_second, burst, self.clock.monotonic())
+        self.scheduler: Scheduler[str] = Scheduler(priority=self._priority, budget=budget)
+        self.offsets: OffsetTracker[Partition] = OffsetTracker()
+        self.tasks: dict[str, Task] = {}  # being polled
+        self.publishing: dict[str, Task] = {}  # terminal, event not yet acknowledged
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._polls: set[asyncio.Task[None]] = set()
+        self._requests = 0
+        self._committed: dict[Partition, int] = {}
+        self._paused = False
+        self._stopping = False
+        self._started = False
+        self._assigned_once = False
+        self._kafka_ok = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._pause_logged_until = 0.0
+        self.server = HealthServer(
+            host=config.server.host,
+            port=config.server.port,
+            registry=self.metrics.registry,
+            ready=self.readiness,
+            alive=self.liveness,
+        )
+        self._last_loop_tick = time.monotonic()
+        self._budget_wait_seen = 0.0
+
+    # --- health -------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "shutting down"
+        if not self._started:
+            return False, "starting"
+        if not self._kafka_ok:
+            return False, "kafka unreachable"
+        if not self._assigned_once:
+            return False, "waiting for group assignment"
+        return True, "ready"
+
+    def liveness(self) -> tuple[bool, str]:
+        # The event loop is alive if the commit loop ticked recently.
+        stale = time.monotonic() - self._last_loop_tick
+        limit = max(30.0, 10 * self.config.kafka.commit_interval_s)
+        return (stale < limit, f"loop tick {stale:.1f}s ago")
+
+    @property
+    def open_records(self) -> int:
+        return self.offsets.in_flight()
+
+    # --- run -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        await self.server.start()
+        self._consumer = kafka_io.make_consumer(cfg.kafka)
+        self._producer = kafka_io.make_producer(cfg.kafka)
+        log.info(
+            "starting",
+            version=__version__,
+            input_topic=cfg.kafka.input_topic,
+            group_id=cfg.kafka.group_id,
+            api=cfg.api.base_url,
+            policy=cfg.polling.policy,
+            metrics=f"http://{cfg.server.host}:{self.server.port}/metrics",
+        )
+        try:
+            await self._start_kafka(stop)
+            if stop.is_set():
+                return
+            self._started = True
+            loops = [
+                asyncio.create_task(self._consume_loop(), name="consume"),
+                asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+                asyncio.create_task(self._commit_loop(), name="commit"),
+                asyncio.create_task(self._health_loop(), name="health"),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *loops], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    log.error("loop failed", loop=t.get_name(), exc_info=t.exception())
+            await self._shutdown(loops, stopper)
+        finally:
+            await self._close()
+
+    async def _start_kafka(self, stop: asyncio.Event) -> None:
+        """Start the clients, retrying while the broker is unreachable (it may start later)."""
+        assert self._consumer is not None and self._producer is not None
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self._producer.start()
+                listener = kafka_io.RebalanceListener(self._on_revoked, self._on_assigned)
+                await self._consumer.start()
+                self._consumer.subscribe([self.config.kafka.input_topic], listener=listener)
+                self._kafka_ok = True
+                self.metrics.kafka_up.set(1)
+                return
+            except KafkaError as exc:
+                log.warning("kafka not reachable, retrying", error=str(exc), retry_in_s=delay)
+                self.metrics.kafka_up.set(0)
+                with contextlib.suppress(Exception):
+                    await self._producer.stop()
+                with contextlib.suppress(Exception):
+                    await self._consumer.stop()
+                self._consumer = kafka_io.make_consumer(self.config.kafka)
+                self._producer = kafka_io.make_producer(self.config.kafka)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _shutdown(self, loops: list[asyncio.Task[None]], stopper: asyncio.Task[Any]) -> None:
+        """Stop fetching and polling; publish and commit what is finished, within the grace."""
+        self._stopping = True
+        self.metrics.ready.set(0)
+        grace_end = time.monotonic() + self.config.shutdown_grace_s
+        log.info("stopping", in_flight=len(self.tasks), publishing=len(self.publishing))
+        self._wake()
+        for t in [*loops, stopper]:
+            t.cancel()
+        await asyncio.gather(*loops, stopper, return_exceptions=True)
+        # Polls under way may still turn into events: let them land, then deliver.
+        for pending in (self._polls, self._deliveries):
+            remaining = grace_end - time.monotonic() - 1.0
+            if pending and remaining > 0:
+                await asyncio.wait(list(pending), timeout=remaining)
+        await self._commit(timeout=max(0.5, min(5.0, grace_end - time.monotonic())))
+        unfinished = len(self.tasks) + len(self.publishing)
+        log.info(
+            "stopped",
+            unfinished=unfinished,
+            note="unfinished tasks stay uncommitted and are polled again after restart",
+        )
+
+    async def _close(self) -> None:
+        for t in [*self._polls, *self._deliveries]:
+            t.cancel()
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._consumer.stop(), 5.0)
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), 5.0)
+        await self.api.aclose()
+        await self.server.stop()
+
+    # --- consuming -----------------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        cap = self.config.polling.max_in_flight
+        batch_cap = self.config.kafka.fetch_max_records
+        while not self._stopping:
+            room = cap - self.open_records
+            self._set_paused(room <= 0)
+            # getmany is called even while paused: it keeps this member inside
+            # max.poll.interval.ms however long tasks take.
+            batch = await consumer.getmany(timeout_ms=200, max_records=max(1, min(batch_cap, room)))
+            for _tp, messages in batch.items():
+                for msg in messages:
+                    self._on_record(kafka_io.to_record(msg))
+
+    def _set_paused(self, pause: bool) -> None:
+        consumer = self._consumer
+        if consumer is None or pause == self._paused:
+            return
+        parts = consumer.assignment()
+        if pause:
+            consumer.pause(*parts)
+            log.info("in-flight cap reached, fetching paused", in_flight=self.open_records)
+        else:
+            consumer.resume(*parts)
+            log.info("fetching resumed", in_flight=self.open_records)
+        self._paused = pause
+        self.metrics.consumer_paused.set(1 if pause else 0)
+
+    def _on_record(self, rec: Record) -> None:
+        part = (rec.topic, rec.partition)
+        try:
+            self.offsets.add(part, rec.offset)
+        except ValueError:
+            return  # re-delivered below the tracked position (seek after rebalance)
+        cfg = self.config
+        parsed = parse_task(
+            rec.value,
+            max_bytes=cfg.kafka.max_message_bytes,
+            max_timeout_s=cfg.polling.max_timeout_s,
+        )
+        if isinstance(parsed, Rejected):
+            self._dead_letter(rec, parsed)
+            return
+        origin = (rec.topic, rec.partition, rec.offset)
+        existing = self.tasks.get(parsed.task_id) or self.publishing.get(parsed.task_id)
+        if existing is not None:
+            existing.origins.append(origin)
+            self.metrics.duplicates.inc()
+            log.info(
+                "duplicate task id joined the one in flight",
+                task_id=parsed.task_id,
+                partition=rec.partition,
+                offset=rec.offset,
+            )
+            return
+        now, wall = self.clock.monotonic(), self.clock.time()
+        created_wall = min(
+            x
+            for x in (
+                wall,
+                parsed.created_at,
+                rec.timestamp_ms / 1000.0 if rec.timestamp_ms else None,
+            )
+            if x is not None
+        )
+        task = Task(
+            task_id=parsed.task_id,
+            model=parsed.model,
+            created=now - (wall - created_wall),
+            created_wall=created_wall,
+            first_seen=now,
+            timeout_s=parsed.timeout_s or cfg.polling.default_timeout_s,
+            metadata=parsed.metadata,
+            key=rec.key,
+            headers=rec.headers,
+            origin=origin,
+        )
+        self.tasks[task.task_id] = task
+        self.metrics.consumed.labels(self.metrics.model_label(task.model)).inc()
+        self.metrics.in_flight.set(len(self.tasks) + len(self.publishing))
+        self.scheduler.schedule(task.task_id, self.policy.first_poll(task, now))
+        self._wake()
+        log.info(
+            "task consumed",
+            task_id=task.task_id,
+            model=task.model,
+            partition=rec.partition,
+            offset=rec.offset,
+        )
+
+    def _dead_letter(self, rec: Record, why: Rejected) -> None:
+        record = ev.dead_letter_record(
+            topic=self.config.kafka.dead_letter_topic,
+            source_topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+            value=rec.value,
+            headers=rec.headers,
+            reason=why.reason,
+            detail=why.detail,
+            max_value_bytes=self.config.kafka.max_message_bytes,
+        )
+        log.warning(
+            "message dead-lettered",
+            reason=why.reason,
+            detail=why.detail,
+            partition=rec.partition,
+            offset=rec.offset,
+        )
+
+        def on_ack() -> None:
+            self.offsets.done((rec.topic, rec.partition), rec.offset)
+            self.metrics.dead_letters.labels(why.reason).inc()
+            self.metrics.published.labels("dead_letter").inc()
+
+        self._deliver(record, on_ack)
+
+    # --- rebalancing ----------------------------------------------------------------------
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._assigned_once = True
+        self.metrics.rebalances.inc()
+        self.metrics.assigned_partitions.set(len(assigned))
+        for tp in assigned:
+            part = (tp.topic, tp.partition)
+            self.offsets.drop(part)  # start clean from the committed position
+            self._committed.pop(part, None)
+        if self._paused and self._consumer is not None:
+            self._consumer.pause(*assigned)
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Stop polling the revoked partitions' tasks; commit what finished before they go."""
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        if not gone:
+            return
+        dropped = 0
+        for task in list(self.tasks.values()):
+            keep = [o for o in task.origins if (o[0], o[1]) not in gone]
+            if len(keep) == len(task.origins):
+                continue
+            task.origins = keep
+            if not keep:
+                self.scheduler.cancel(task.task_id)
+                del self.tasks[task.task_id]
+                dropped += 1
+        # Events already being produced are worth waiting for: it avoids a duplicate.
+        if self._deliveries:
+            await asyncio.wait(list(self._deliveries), timeout=5.0)
+        await self._commit(only=gone, timeout=5.0)
+        for part in gone:
+            self.offsets.drop(part)
+            self._committed.pop(part, None)
+        self.metrics.revoked_in_flight.inc(dropped)
+        self.metrics.in_flight.set(len(self.tasks) + len(self.publishing))
+        log.info(
+            "partitions revoked", partitions=sorted(p for _, p in gone), dropped_in_flight=dropped
+        )
+
+    # --- polling -------------------------------------------------------------------------
+
+    def _priority(self, task_id: str, due: float) -> float:
+        task = self.tasks.get(task_id)
+        return self.policy.priority(task, due) if task is not None else -due
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        handle = None
+        if timeout is not None:
+            handle = loop.call_later(max(0.0, timeout), self._wake)
+        try:
+            await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._waiter = None
+
+    async def _dispatch_loop(self) -> None:
+        limit = self.config.api.max_concurrent_requests
+        scheduler = self.scheduler
+        while not self._stopping:
+            now = self.clock.monotonic()
+            free = limit - self._requests
+            for task_id in scheduler.take(now, free):
+                task = self.tasks.get(task_id)
+                if task is None:
+                    continue
+                self._requests += 1
+                poll = asyncio.create_task(self._poll(task, now))
+                self._polls.add(poll)
+                poll.add_done_callback(self._polls.discard)
+            if self._requests >= limit:
+                await self._sleep(None)  # a finishing request wakes us
+                continue
+            at = scheduler.next_wakeup(self.clock.monotonic())
+            await self._sleep(None if at is None else at - self.clock.monotonic())
+
+    async def _poll(self, task: Task, scheduled: float) -> None:
+        m = self.metrics
+        started = self.clock.monotonic()
+        m.requests_in_flight.inc()
+        try:
+            outcome = await self.api.fetch(task.task_id, self.clock.time())
+        finally:
+            self._requests -= 1
+            m.requests_in_flight.dec()
+            self._wake()
+        now = self.clock.monotonic()
+        m.api_request_duration.observe(now - started)
+        m.api_responses.labels(status_class(outcome.status_code)).inc()
+        if self.tasks.get(task.task_id) is not task:
+            return  # revoked or finished meanwhile
+        task.polls += 1
+        task.last_poll = now
+        self._handle(task, outcome, now)
+
+    def _handle(self, task: Task, outcome: Outcome, now: float) -> None:
+        m = self.metrics
+        kind = outcome.kind
+        m.api_up.set(0 if kind in (Kind.TRANSIENT, Kind.AUTH) else 1)
+        prediction = outcome.prediction
+        if prediction is not None:
+            task.prediction = prediction
+            if prediction.created_at is not None:
+                wall = self.clock.time()
+                task.learn_created(now - (wall - prediction.created_at), prediction.created_at)
+            if task.model is None and prediction.model:
+                task.model = prediction.model
+        if kind in TERMINAL:
+            task.failures = 0
+            if kind is not Kind.NOT_FOUND:
+                self.policy.observe(task, now)
+            event_kind: ev.EventType = "completed" if kind is Kind.COMPLETED else "failed"
+            self._finish(task, event_kind, outcome.reason or None, now)
+            return
+        if kind is Kind.PENDING:
+            task.failures = 0
+            task.last_error = None
+            task.last_pending_poll = now
+            if outcome.reason:  # undocumented status
+                m.api_errors.labels("unknown_status").inc()
+                task.last_error = outcome.reason
+            if now >= task.deadline:
+                self._finish(task, "timeout", self._timeout_reason(task), now)
+                return
+            self.scheduler.schedule(task.task_id, self.policy.next_poll(task, now))
+            return
+        # Not an answer about the task: the API, the key or the network is at fault.
+        task.failures += 1
+        task.last_error = outcome.reason
+        retry_at = now + retry_delay(
+            task.failures,
+            self.config.polling.backoff_base_s,
+            self.config.polling.backoff_max_s,
+            self.rng,
+        )
+        if kind is Kind.AUTH:
+            m.auth_errors.inc()
+            m.api_errors.labels("auth").inc()
+            self._pause_all(now, self.config.api.auth_error_pause_s, "auth", outcome)
+        elif kind is Kind.RATE_LIMITED:
+            m.rate_limited.inc()
+            m.api_errors.labels("rate_limited").inc()
+            self._pause_all(now, outcome.retry_after_s or retry_at - now, "rate_limited", outcome)
+        else:
+            m.api_errors.labels(_error_kind(outcome)).inc()
+            if outcome.retry_after_s:
+                self._pause_all(now, outcome.retry_after_s, "retry_after", outcome)
+        retry_at = max(retry_at, self.scheduler.paused_until)
+        if now >= task.deadline:
+            self._finish(task, "timeout", self._timeout_reason(task), now)
+            return
+        self.scheduler.schedule(task.task_id, clamp_to_deadline(task, retry_at, now))
+
+    def _pause_all(self, now: float, seconds: float, reason: str, outcome: Outcome) -> None:
+        until = now + seconds
+        before = max(self.scheduler.paused_until, now)
+        if until > before:
+            self.metrics.paused_seconds.labels(reason).inc(until - before)
+            self.scheduler.pause_until(until)
+        if now >= self._pause_logged_until:  # loud, but once per pause, not per task
+            self._pause_logged_until = until
+            logger = log.error if reason == "auth" else log.warning
+            logger(
+                "polling paused for every task",
+                reason=outcome.reason,
+                status=outcome.status_code,
+                pause_s=round(seconds, 3),
+            )
+
+    @staticmethod
+    def _timeout_reason(task: Task) -> str:
+        reason = f"deadline of {task.timeout_s:g}s passed"
+        if task.last_error:
+            reason += f"; last poll: {task.last_error}"
+        else:
+            status = getattr(task.prediction, "status", None)
+            reason += f"; last status: {status or 'none seen'}"
+        return reason
+
+    # --- finishing and delivery ----------------------------------------------------------
+
+    def _finish(self, task: Task, kind: ev.EventType, reason: str | None, now: float) -> None:
+        cfg = self.config
+        self.scheduler.cancel(task.task_id)
+        del self.tasks[task.task_id]
+        self.publishing[task.task_id] = task
+        observed = self.clock.time()
+        event = ev.build_event(
+            kind=kind,
+            task_id=task.task_id,
+            model=task.model,
+            prediction=task.prediction,
+            reason=reason,
+            created_at=task.created_wall,
+            observed_at=observed,
+            polls=task.polls,
+            metadata=task.metadata,
+            source=cfg.events.source,
+            input_key=task.key,
+            origins=list(task.origins),
+        )
+        topic = {
+            "completed": cfg.kafka.completed_topic,
+            "failed": cfg.kafka.failed_topic,
+            "timeout": cfg.kafka.timeout_topic or cfg.kafka.failed_topic,
+        }[kind]
+        record = ev.event_record(topic, event, task.headers)
+        log.info(
+            "task finished",
+            task_id=task.task_id,
+            model=task.model,
+            outcome=kind,
+            polls=task.polls,
+            reason=reason,
+            partition=task.origins[0][1] if task.origins else None,
+            offset=task.origins[0][2] if task.origins else None,
+        )
+        model = self.metrics.model_label(task.model)
+        finished_mono = now
+
+        def on_ack() -> None:
+            m = self.metrics
+            self.publishing.pop(task.task_id, None)
+            for topic_, partition, offset in task.origins:
+                self.offsets.done((topic_, partition), offset)
+            m.finished.labels(model, kind).inc()
+            m.published.labels(kind).inc()
+            m.polls_per_task.labels(model).observe(task.polls)
+            m.end_to_end.labels(model, kind).observe(
+                max(0.0, self.clock.time() - task.created_wall)
+            )
+            m.publish_latency.observe(max(0.0, self.clock.monotonic() - finished_mono))
+            m.in_flight.set(len(self.tasks) + len(self.publishing))
+            p = task.prediction
+            if kind == "completed" and p is not None and p.inference_ms is not None:
+                m.inference.labels(model).observe(p.inference_ms / 1000.0)
+            if kind != "timeout" and task.last_pending_poll is not None:
+                m.detection_delay.labels(model).observe(now - task.last_pending_poll)
+
+        self._deliver(record, on_ack)
+
+    def _deliver(self, record: ev.OutputRecord, on_ack: Callable[[], None]) -> None:
+        delivery = asyncio.create_task(self._send_until_acked(record, on_ack))
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._deliveries.discard)
+        self.metrics.events_pending.set(len(self._deliveries))
+
+    async def _send_until_acked(self, record: ev.OutputRecord, on_ack: Callable[[], None]) -> None:
+        """Retry until the broker acknowledges; the in-flight cap bounds what waits here."""
+        assert self._producer is not None
+        attempt = 0
+        while True:
+            try:
+                await kafka_io.send(self._producer, record)
+                break
+            except KafkaError as exc:
+                attempt += 1
+                self.metrics.publish_failures.inc()
+                log.warning(
+                    "publish failed, retrying",
+                    topic=record.topic,
+                    attempt=attempt,
+                    error=type(exc).__name__,
+                )
+                await asyncio.sleep(retry_delay(attempt, 0.5, 10.0, self.rng))
+        on_ack()
+        self.metrics.events_pending.set(len(self._deliveries) - 1)
+
+    # --- committing and health -------------------------------------------------------------
+
+    async def _commit(self, *, only: set[Partition] | None = None, timeout: float = 10.0) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        offsets: dict[TopicPartition, int] = {}
+        for part, pos in self.offsets.positions():
+            if (only is None or part in only) and pos > self._committed.get(part, -1):
+                offsets[TopicPartition(*part)] = pos
+        if not offsets:
+            return
+        try:
+            await asyncio.wait_for(consumer.commit(offsets), timeout)
+        except (KafkaError, TimeoutError) as exc:
+            self.metrics.commit_failures.inc()
+            log.warning("commit failed, will retry", error=type(exc).__name__)
+            return
+        for tp, pos in offsets.items():
+            self._committed[(tp.topic, tp.partition)] = pos
+        self.metrics.commits.inc()
+
+    async def _commit_loop(self) -> None:
+        interval = self.config.kafka.commit_interval_s
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            self._last_loop_tick = time.monotonic()
+            await self._commit()
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m, consumer = self.metrics, self._consumer
+        m.in_flight.set(len(self.tasks) + len(self.publishing))
+        m.due.set(self.scheduler.ready_count(self.clock.monotonic()))
+        m.budget_wait.inc(max(0.0, self.scheduler.budget_wait_s - self._budget_wait_seen))
+        self._budget_wait_seen = self.scheduler.budget_wait_s
+        if consumer is None:
+            return
+        lag = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            committed = self._committed.get((tp.topic, tp.partition))
+            if committed is None:
+                committed = self.offsets.committable((tp.topic, tp.partition)) or 0
+            lag += max(0, high - committed)
+        m.consumer_lag.set(lag)
+
+    async def _health_loop(self) -> None:
+        assert self._producer is not None
+        interval = self.config.kafka.health_check_interval_s
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), interval)
+                ok = True
+            except (KafkaError, TimeoutError, OSError):
+                ok = False
+            if ok != self._kafka_ok:
+                log.warning("kafka reachable" if ok else "kafka unreachable")
+            self._kafka_ok = ok
+            self.metrics.kafka_up.set(1 if ok else 0)
+            self.metrics.ready.set(1 if self.readiness()[0] else 0)
+            await asyncio.sleep(interval)
+
+
+def _error_kind(outcome: Outcome) -> str:
+    reason = outcome.reason
+    if outcome.status_code is not None and outcome.status_code >= 500:
+        return "server_error"
+    if reason.startswith("timeout"):
+        return "timeout"
+    if reason.startswith(("network", "client")):
+        return "network"
+    if "redirect" in reason:
+        return "redirect"
+    if "larger than" in reason:
+        return "oversize_body"
+    return "bad_response"

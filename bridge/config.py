@@ -1,0 +1,418 @@
+"""Configuration: typed dataclasses, loaded from YAML plus ``BRIDGE_*`` environment overrides.
+
+Pure: :func:`build_config` takes plain data and an environment mapping and either returns a
+:class:`Config` or raises :class:`ConfigError` naming every bad key. Nothing here connects
+to anything; ``wavespeed-bridge check-config`` is exactly this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_PREFIX = "BRIDGE_"
+ENV_SEPARATOR = "__"
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each naming the offending key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    bootstrap_servers: str = "localhost:9092"
+    client_id: str = "wavespeed-bridge"
+    group_id: str = "wavespeed-bridge"
+    input_topic: str = "wavespeed.tasks"
+    completed_topic: str = "wavespeed.completed"
+    failed_topic: str = "wavespeed.failed"
+    # None: timeouts go to failed_topic with type ai.wavespeed.prediction.timeout.
+    timeout_topic: str | None = None
+    dead_letter_topic: str = "wavespeed.dead-letter"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    sasl_password_file: str | None = None
+    ssl_cafile: str | None = None
+    ssl_check_hostname: bool = True
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    request_timeout_ms: int = 30_000
+    fetch_max_records: int = 500
+    max_message_bytes: int = 1_048_576
+    linger_ms: int = 5
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    commit_interval_s: float = 1.0
+    health_check_interval_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    base_url: str = "https://api.wavespeed.ai"
+    # The seed page's path; the official SDKs use /api/v3/predictions/{id}/result.
+    result_path: str = "/api/v3/predictions/{id}"
+    api_key_file: str | None = None
+    api_key_env: str = "WAVESPEED_API_KEY"
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    max_concurrent_requests: int = 100
+    max_response_bytes: int = 1_048_576
+    verify_tls: bool = True
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # Global poll budget in requests/s; 0 disables the cap.
+    requests_per_second: float = 0.0
+    budget_burst: int = 0
+    auth_error_pause_s: float = 30.0
+    user_agent: str = "wavespeed-bridge"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelClass:
+    """Defaults for models whose names match ``pattern`` (fnmatch syntax)."""
+
+    pattern: str
+    min_interval_s: float = 2.0
+    max_interval_s: float = 30.0
+    median_s: float = 5.0
+    p90_s: float = 15.0
+
+
+def _default_model_classes() -> tuple[ModelClass, ...]:
+    return (
+        ModelClass(
+            pattern="*video*", min_interval_s=5.0, max_interval_s=60.0, median_s=120.0, p90_s=300.0
+        ),
+        ModelClass(pattern="*", min_interval_s=2.0, max_interval_s=30.0, median_s=5.0, p90_s=15.0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PollingConfig:
+    policy: Literal["fixed", "adaptive"] = "fixed"
+    interval_s: float = 2.0
+    default_timeout_s: float = 300.0
+    max_timeout_s: float = 86_400.0
+    max_in_flight: int = 10_000
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    jitter: float = 0.1
+    # Adaptive policy: weight of one poll against one second of detection delay.
+    poll_cost_s: float = 0.5
+    learning_window: int = 200
+    model_classes: tuple[ModelClass, ...] = field(default_factory=_default_model_classes)
+    max_model_labels: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: Literal["json", "console"] = "json"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    source: str = "urn:wavespeed-bridge"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    polling: PollingConfig = field(default_factory=PollingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    shutdown_grace_s: float = 20.0
+
+
+# --- conversion -------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Invalid
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, problems)
+            except _Invalid:
+                continue
+        raise _Invalid
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _Invalid
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(
+            _convert_item(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)
+        )
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _Invalid
+        return _build(tp, value, key, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Invalid
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _Invalid
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Invalid
+    raise _Invalid
+
+
+def _convert_item(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    try:
+        return _convert(value, tp, key, problems)
+    except _Invalid:
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return None
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if raw_key not in names:
+            problems.append(f"{key}: unknown key")
+            continue
+        converted = _convert_item(value, hints[raw_key], key, problems)
+        if converted is not None or value is None:
+            kwargs[raw_key] = converted
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
+    for name in missing:
+        problems.append(f"{prefix + '.' if prefix else ''}{name}: required")
+    if missing:
+        return None
+    return cls(**kwargs)
+
+
+# --- environment overrides ----------------------------------------------------------------
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
+    """``BRIDGE_KAFKA__BOOTSTRAP_SERVERS=x`` sets ``kafka.bootstrap_servers``.
+
+    Values are parsed as YAML scalars so ``8080`` is an integer and ``true`` a boolean.
+    """
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
+        if not all(path):
+            problems.append(f"{name}: malformed override name")
+            continue
+        try:
+            value = yaml.safe_load(env[name]) if env[name] != "" else None
+        except yaml.YAMLError:
+            value = env[name]
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{name}: {part} is not a section")
+                break
+            node = child
+        else:
+            node[path[-1]] = value
+
+
+# --- semantic checks ----------------------------------------------------------------------
+
+
+def _check(config: Config, problems: list[str]) -> None:
+    k, a, p = config.kafka, config.api, config.polling
+
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            problems.append(f"{key}: must be > 0, got {value!r}")
+
+    for key, value in (
+        ("kafka.session_timeout_ms", k.session_timeout_ms),
+        ("kafka.heartbeat_interval_ms", k.heartbeat_interval_ms),
+        ("kafka.max_poll_interval_ms", k.max_poll_interval_ms),
+        ("kafka.request_timeout_ms", k.request_timeout_ms),
+        ("kafka.fetch_max_records", k.fetch_max_records),
+        ("kafka.max_message_bytes", k.max_message_bytes),
+        ("kafka.commit_interval_s", k.commit_interval_s),
+        ("kafka.health_check_interval_s", k.health_check_interval_s),
+        ("api.connect_timeout_s", a.connect_timeout_s),
+        ("api.read_timeout_s", a.read_timeout_s),
+        ("api.max_concurrent_requests", a.max_concurrent_requests),
+        ("api.max_response_bytes", a.max_response_bytes),
+        ("polling.interval_s", p.interval_s),
+        ("polling.default_timeout_s", p.default_timeout_s),
+        ("polling.max_timeout_s", p.max_timeout_s),
+        ("polling.max_in_flight", p.max_in_flight),
+        ("polling.backoff_base_s", p.backoff_base_s),
+        ("polling.backoff_max_s", p.backoff_max_s),
+        ("polling.poll_cost_s", p.poll_cost_s),
+        ("polling.learning_window", p.learning_window),
+        ("polling.max_model_labels", p.max_model_labels),
+        ("shutdown_grace_s", config.shutdown_grace_s),
+    ):
+        positive(key, value)
+    if k.heartbeat_interval_ms >= k.session_timeout_ms:
+        problems.append("kafka.heartbeat_interval_ms: must be below kafka.session_timeout_ms")
+    if a.requests_per_second < 0:
+        problems.append("api.requests_per_second: must be >= 0 (0 disables the budget)")
+    if a.budget_burst < 0:
+        problems.append("api.budget_burst: must be >= 0")
+    if not (0 <= p.jitter < 1):
+        problems.append(f"polling.jitter: must be in [0, 1), got {p.jitter!r}")
+    if p.default_timeout_s > p.max_timeout_s:
+        problems.append("polling.default_timeout_s: must not exceed polling.max_timeout_s")
+    if p.backoff_base_s > p.backoff_max_s:
+        problems.append("polling.backoff_base_s: must not exceed polling.backoff_max_s")
+    if not a.base_url.startswith(("http://", "https://")):
+        problems.append(f"api.base_url: must start with http:// or https://, got {a.base_url!r}")
+    if a.result_path.count("{id}") != 1 or not a.result_path.startswith("/"):
+        problems.append("api.result_path: must start with / and contain {id} exactly once")
+    if not (0 < config.server.port < 65536):
+        problems.append(f"server.port: must be in 1..65535, got {config.server.port}")
+    sasl = k.security_protocol.startswith("SASL")
+    if sasl and k.sasl_mechanism is None:
+        problems.append("kafka.sasl_mechanism: required when security_protocol is SASL_*")
+    if sasl and not k.sasl_username:
+        problems.append("kafka.sasl_username: required when security_protocol is SASL_*")
+    if sasl and k.sasl_password is None and k.sasl_password_file is None:
+        problems.append(
+            "kafka.sasl_password: required (or kafka.sasl_password_file) when security_protocol"
+            " is SASL_*"
+        )
+    topics = [k.input_topic, k.completed_topic, k.failed_topic, k.dead_letter_topic]
+    if k.timeout_topic:
+        topics.append(k.timeout_topic)
+    if k.input_topic in topics[1:]:
+        problems.append("kafka.input_topic: must differ from every output topic")
+    for i, mc in enumerate(p.model_classes):
+        if not (0 < mc.min_interval_s <= mc.max_interval_s):
+            problems.append(
+                f"polling.model_classes[{i}]: need 0 < min_interval_s <= max_interval_s"
+            )
+        if not (0 < mc.median_s < mc.p90_s):
+            problems.append(f"polling.model_classes[{i}]: need 0 < median_s < p90_s")
+
+
+def build_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Validate ``data`` (parsed YAML) with ``env`` overrides; raise ConfigError on any problem."""
+    problems: list[str] = []
+    merged: dict[str, Any] = _deep_copy(dict(data or {}))
+    _apply_env(merged, env or {}, problems)
+    config = _build(Config, merged, "", problems)
+    if config is not None and not problems:
+        _check(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    assert isinstance(config, Config)
+    return config
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read a YAML file (or nothing) and build the config; raise ConfigError on problems."""
+    env = os.environ if env is None else env
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: top level must be a mapping"])
+    return build_config(data, env)
+
+
+def read_api_key(config: ApiConfig, env: Mapping[str, str]) -> str | None:
+    """The API key from ``api_key_file`` (a secret mount) or the environment variable."""
+    if config.api_key_file:
+        try:
+            return Path(config.api_key_file).read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ConfigError([f"api.api_key_file: cannot read ({exc.strerror})"]) from None
+    return env.get(config.api_key_env) or None
+
+
+def read_sasl_password(config: KafkaConfig) -> str | None:
+    if config.sasl_password_file:
+        try:
+            return Path(config.sasl_password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"kafka.sasl_password_file: cannot read ({exc.strerror})"]) from None
+    return config.sasl_password

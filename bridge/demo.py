@@ -1,0 +1,228 @@
+"""The local stack in one process tree: Tansu broker, API simulator, the bridge, a feeder, a tail.
+
+``wavespeed-bridge demo`` (what ``scripts/demo`` runs). Needs the dev extra (the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaProducer
+
+from bridge import logs
+from bridge.app import Bridge
+from bridge.broker import LocalBroker, free_port
+from bridge.config import Config, load_config
+from bridge.feeder import produce_tasks, submit, tail
+from bridge.simulator import ModelProfile, Simulator
+
+DEMO_KEY = "local-demo-key"  # the simulator's key; never a real one
+MODELS = (
+    "wavespeed-ai/flux-dev",
+    "wavespeed-ai/flux-schnell",
+    "wavespeed-ai/wan-2.1-i2v-480p-video",
+)
+PROFILES = (
+    ModelProfile("*video*", median_s=12.0, sigma=0.3, failure_rate=0.05, queue_s=1.0),
+    ModelProfile("*schnell*", median_s=1.5, sigma=0.3, failure_rate=0.05),
+    ModelProfile("*", median_s=4.0, sigma=0.4, failure_rate=0.05),
+)
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def run_demo(*, tasks: int, config_path: str, keep_running: bool) -> int:
+    workdir = Path(".demo")
+    workdir.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    broker = LocalBroker(log_path=workdir / "broker.log")
+    broker.start()
+    sim = Simulator(api_key=DEMO_KEY, profiles=PROFILES, seed=7)
+    try:
+        await broker.wait_ready()
+        await sim.start()
+        base = load_config(config_path, env={})
+        port = base.server.port if _port_free(base.server.port) else free_port()
+        config = load_config(
+            config_path,
+            env={
+                "BRIDGE_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+                "BRIDGE_API__BASE_URL": sim.base_url,
+                "BRIDGE_SERVER__PORT": str(port),
+            },
+        )
+        k = config.kafka
+        await broker.create_topics([k.input_topic], partitions=3)
+        await broker.create_topics([k.completed_topic, k.failed_topic, k.dead_letter_topic])
+        log_file = (workdir / "bridge.log").open("w")
+        logs.configure(fmt="json", level=config.logging.level, secrets=(DEMO_KEY,), stream=log_file)
+        _say(f"broker     Tansu on {broker.bootstrap} (in memory; log {workdir}/broker.log)")
+        _say(f"simulator  WaveSpeed API on {sim.base_url}")
+        _say(f"bridge     consuming {k.input_topic!r}; logs in {workdir}/bridge.log")
+        _say(f"metrics    http://127.0.0.1:{port}/metrics   (health: /healthz, readiness: /readyz)")
+        _say()
+        return await _drive(config, broker, sim, tasks, keep_running, t0, port)
+    finally:
+        await sim.stop()
+        broker.stop()
+
+
+async def _drive(
+    config: Config,
+    broker: LocalBroker,
+    sim: Simulator,
+    n: int,
+    keep_running: bool,
+    t0: float,
+    port: int,
+) -> int:
+    k = config.kafka
+    bridge = Bridge(config, api_key=DEMO_KEY)
+    stop = asyncio.Event()
+    bridge_task = asyncio.create_task(bridge.run(stop))
+    seen: dict[str, int] = {}
+    expected = n + 3  # n tasks, one unknown id, one doomed to time out, one malformed message
+    done = asyncio.Event()
+    submitted: dict[str, float] = {}
+
+    async def watch() -> None:
+        topics = [k.completed_topic, k.failed_topic, k.dead_letter_topic]
+        async for topic, event, msg in tail(broker.bootstrap, topics):
+            if topic == k.dead_letter_topic:
+                reason = dict(msg.headers or ()).get("dlq.reason", b"?").decode()
+                _say(
+                    f"  dead-letter  offset {dict(msg.headers).get('dlq.offset', b'?').decode():>4}"
+                    f"  reason={reason}  value={msg.value[:40]!r}"
+                )
+                kind = "dead_letter"
+            elif event is not None:
+                kind = event["type"].rsplit(".", 1)[-1]
+                _say(_describe(kind, event, submitted))
+            else:
+                continue
+            seen[kind] = seen.get(kind, 0) + 1
+            if sum(seen.values()) >= expected:
+                done.set()
+
+    watcher = asyncio.create_task(watch())
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    rng = random.Random(11)
+    try:
+        async with httpx.AsyncClient(
+            base_url=sim.base_url, headers={"Authorization": f"Bearer {DEMO_KEY}"}
+        ) as api:
+            _say(f"feeder     submitting {n} tasks to the simulator and their ids to Kafka ...")
+            items: list[dict[str, Any] | bytes] = []
+            for i in range(n):
+                model = rng.choice(MODELS)
+                data = await submit(api, model)
+                submitted[data["id"]] = time.monotonic()
+                items.append(
+                    {
+                        "id": data["id"],
+                        "model": model,
+                        "metadata": {"order": i, "user": f"user-{i % 5}"},
+                    }
+                )
+                if len(items) >= 5:
+                    await produce_tasks(producer, k.input_topic, items)
+                    items = []
+                    await asyncio.sleep(0.3)
+            slow = await submit(api, MODELS[0], {"duration_s": 3600})
+            submitted[slow["id"]] = time.monotonic()
+            items += [
+                {
+                    "id": "pred_does_not_exist",
+                    "model": MODELS[0],
+                    "metadata": {"note": "unknown id: expect a failed event (404)"},
+                },
+                {
+                    "id": slow["id"],
+                    "model": MODELS[0],
+                    "timeout_s": 8,
+                    "metadata": {"note": "runs for an hour: expect a timeout after 8 s"},
+                },
+                b"../balance?not=a-task-id",
+            ]
+            await produce_tasks(producer, k.input_topic, items)
+        _say(f"feeder     done after {time.monotonic() - t0:.1f}s; waiting for events ...")
+        _say()
+        try:
+            await asyncio.wait_for(done.wait(), timeout=120)
+        except TimeoutError:
+            _say("demo: not every event arrived within 120 s; see .demo/bridge.log")
+            return 1
+        _say()
+        _say(
+            f"all {expected} inputs accounted for in {time.monotonic() - t0:.1f}s: "
+            + ", ".join(f"{v} {key}" for key, v in sorted(seen.items()))
+        )
+        _say(
+            f"simulator served {sim.requests} requests "
+            f"({sim.requests / max(1, n + 2):.1f} per task)"
+        )
+        await _show_metrics(port)
+        if keep_running:
+            _say("stack keeps running; Ctrl-C to stop")
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        return 0
+    finally:
+        watcher.cancel()
+        await producer.stop()
+        stop.set()
+        await bridge_task
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def _describe(kind: str, event: dict[str, Any], submitted: dict[str, float]) -> str:
+    d = event["data"]
+    took = ""
+    if d["task_id"] in submitted:
+        took = f"{time.monotonic() - submitted[d['task_id']]:5.1f}s after submit"
+    extra = ""
+    if kind == "completed" and d.get("inference_time_s") is not None:
+        extra = f"inference {d['inference_time_s']:.1f}s"
+    elif d.get("error"):
+        extra = f"error: {d['error'][:60]}"
+    return (
+        f"  {kind:<9}  {d['task_id'][:16]:<16}  {str(d['model'])[:34]:<34}  {took:>20}"
+        f"  polls={d['polls']:<2}  {extra}"
+    )
+
+
+async def _show_metrics(port: int) -> None:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    wanted = (
+        "wavespeed_bridge_tasks_finished_total",
+        "wavespeed_bridge_dead_letters_total",
+        "wavespeed_bridge_api_responses_total",
+    )
+    lines = [ln for ln in text.splitlines() if ln.startswith(wanted)]
+    _say(f"from http://127.0.0.1:{port}/metrics:")
+    for line in lines[:14]:
+        _say(f"  {line}")
+    sys.stdout.flush()

@@ -1,0 +1,137 @@
+"""Output events (CloudEvents 1.0, structured JSON) and dead-letter records. Pure.
+
+The schema of the event is ``bridge/schemas/event.schema.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from bridge.api import Prediction
+
+EventType = Literal["completed", "failed", "timeout"]
+TYPE_PREFIX = "ai.wavespeed.prediction."
+CONTENT_TYPE = b"application/cloudevents+json; charset=utf-8"
+
+# Headers the bridge sets itself; copies arriving on the input are not carried over.
+_OWN_HEADERS = frozenset({"content-type", "ce_id", "ce_type"})
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def rfc3339(unix: float) -> str:
+    return (
+        datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def _text_or_b64(raw: bytes | None) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    try:
+        return {"text": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(raw).decode("ascii")}
+
+
+def build_event(
+    *,
+    kind: EventType,
+    task_id: str,
+    model: str | None,
+    prediction: Prediction | None,
+    reason: str | None,
+    created_at: float | None,
+    observed_at: float,
+    polls: int,
+    metadata: dict[str, Any] | None,
+    source: str,
+    input_key: bytes | None,
+    origins: list[tuple[str, int, int]],
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """The CloudEvent for a task that reached ``kind``; ``*_at`` are unix seconds."""
+    p = prediction or Prediction()
+    data: dict[str, Any] = {
+        "task_id": task_id,
+        "model": p.model or model,
+        "status": kind,
+        "outputs": p.outputs if kind == "completed" else [],
+        "error": None if kind == "completed" else (p.error or reason or kind),
+        "inference_time_s": p.inference_ms / 1000.0 if p.inference_ms is not None else None,
+        "has_nsfw_contents": p.has_nsfw_contents,
+        "created_at": p.created_at_raw or (rfc3339(created_at) if created_at else None),
+        "observed_at": rfc3339(observed_at),
+        "polls": polls,
+        "metadata": metadata,
+        "input": {
+            "key": _text_or_b64(input_key),
+            "records": [{"topic": t, "partition": pa, "offset": o} for t, pa, o in origins],
+        },
+    }
+    return {
+        "specversion": "1.0",
+        "id": event_id or str(uuid.uuid4()),
+        "source": source,
+        "type": TYPE_PREFIX + kind,
+        "subject": task_id,
+        "time": rfc3339(observed_at),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def event_record(
+    topic: str, event: dict[str, Any], headers: tuple[tuple[str, bytes], ...]
+) -> OutputRecord:
+    carried = [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
+    carried.append(("content-type", CONTENT_TYPE))
+    return OutputRecord(
+        topic=topic, key=event["subject"].encode("utf-8"), value=encode(event), headers=carried
+    )
+
+
+def dead_letter_record(
+    *,
+    topic: str,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: tuple[tuple[str, bytes], ...],
+    reason: str,
+    detail: str,
+    max_value_bytes: int,
+) -> OutputRecord:
+    """Kafka Connect style: the original key, value and headers, plus why and where from.
+
+    A value over ``max_value_bytes`` (the oversize case) keeps its first ``max_value_bytes``
+    and says so in ``dlq.value_truncated``: the record must still fit the producer's limit.
+    """
+    extra = [
+        ("dlq.reason", reason.encode()),
+        ("dlq.detail", detail.encode("utf-8", "replace")),
+        ("dlq.topic", source_topic.encode("utf-8", "replace")),
+        ("dlq.partition", str(partition).encode()),
+        ("dlq.offset", str(offset).encode()),
+    ]
+    if value is not None and len(value) > max_value_bytes:
+        extra.append(("dlq.value_truncated", str(len(value)).encode()))
+        value = value[:max_value_bytes]
+    return OutputRecord(topic=topic, key=key, value=value, headers=[*headers, *extra])

@@ -1,0 +1,101 @@
+"""structlog set-up: a processor pipeline ending in JSON lines or a console renderer.
+
+:class:`Redactor` sits last before rendering and removes every configured secret from
+every value, tracebacks included, so no log line can carry the API key or a password.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "[REDACTED]"
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def _value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {k: self._value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._value(v) for v in value]
+        if isinstance(value, bytes | bytearray):
+            return self.scrub(bytes(value).decode("utf-8", "replace"))
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self.scrub(repr(value))
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if not self._secrets:
+            return event_dict
+        return {k: self._value(v) for k, v in event_dict.items()}
+
+
+def configure(
+    *,
+    fmt: str = "json",
+    level: str = "INFO",
+    secrets: Iterable[str | None] = (),
+    stream: TextIO | None = None,
+) -> None:
+    redactor = Redactor(secrets)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redactor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries log through stdlib logging: keep their warnings, routed to the same stream
+    # and scrubbed the same way.
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_ScrubFilter(redactor))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class _ScrubFilter(logging.Filter):
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._redactor.scrub(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            import traceback
+
+            record.msg += "\n" + self._redactor.scrub(
+                "".join(traceback.format_exception(*record.exc_info))
+            )
+            record.exc_info = None
+            record.exc_text = None
+        return True

@@ -1,0 +1,159 @@
+"""Input messages: parse a Kafka record's value into a task request, or say why not.
+
+Pure. Accepted values:
+
+- a bare task id: ``pred_abc123``;
+- a JSON object with ``id`` (or ``task_id``) and optional ``model``, ``timeout_s``,
+  ``created_at`` and a free-form ``metadata`` object. Unknown keys are ignored, so the
+  ``data`` object of WaveSpeed's submit response (or the whole envelope) can be forwarded
+  as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+MAX_TASK_ID_LENGTH = 128
+# Conservative on purpose: no '/', '?', '#', '%', '.' or spaces can reach a URL path.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_MAX_MODEL_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A consumed Kafka record, reduced to what the bridge needs."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    task_id: str
+    model: str | None = None
+    timeout_s: float | None = None
+    created_at: float | None = None  # unix seconds, when the producer knew it
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str  # a short machine-friendly code
+    detail: str
+
+
+def valid_task_id(task_id: str) -> bool:
+    return _TASK_ID.fullmatch(task_id) is not None
+
+
+def task_path(template: str, task_id: str) -> str:
+    """The result path for ``task_id``; the id is percent-encoded even though it is validated."""
+    if not valid_task_id(task_id):
+        raise ValueError("invalid task id")
+    return template.replace("{id}", quote(task_id, safe=""))
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """ISO-8601 (``2024-01-01T12:00:00.000Z``) or unix seconds → unix seconds, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) and value > 0 else None
+    if not isinstance(value, str) or not value or len(value) > 64:
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None  # WaveSpeed always sends UTC with a zone; refuse to guess
+    return parsed.timestamp()
+
+
+def parse_task(
+    value: bytes | None, *, max_bytes: int, max_timeout_s: float
+) -> TaskRequest | Rejected:
+    if value is None:
+        return Rejected("empty", "message has no value (tombstone)")
+    if len(value) > max_bytes:
+        return Rejected("oversize", f"value is {len(value)} bytes, limit {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejected("not_utf8", f"value is not UTF-8 (byte {exc.start})")
+    stripped = text.strip()
+    if not stripped:
+        return Rejected("empty", "value is empty")
+    if stripped[0] in '{["':
+        return _parse_json(stripped, max_timeout_s)
+    return _check_id(stripped) or TaskRequest(task_id=stripped)
+
+
+def _check_id(task_id: str) -> Rejected | None:
+    if len(task_id) > MAX_TASK_ID_LENGTH:
+        return Rejected("invalid_id", f"task id longer than {MAX_TASK_ID_LENGTH} characters")
+    if not valid_task_id(task_id):
+        return Rejected(
+            "invalid_id",
+            "task id must match [A-Za-z0-9][A-Za-z0-9_-]* (got a disallowed character)",
+        )
+    return None
+
+
+def _parse_json(text: str, max_timeout_s: float) -> TaskRequest | Rejected:
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return Rejected("invalid_json", f"not valid JSON: {str(exc)[:120]}")
+    if isinstance(obj, str):
+        return _check_id(obj) or TaskRequest(task_id=obj)
+    if not isinstance(obj, dict):
+        return Rejected("invalid_json", "JSON value must be an object or a string")
+    if "id" not in obj and "task_id" not in obj and isinstance(obj.get("data"), dict):
+        obj = obj["data"]  # a forwarded submit-response envelope
+    task_id = obj.get("id", obj.get("task_id"))
+    if not isinstance(task_id, str):
+        return Rejected("missing_id", "object has no string 'id' or 'task_id'")
+    if problem := _check_id(task_id):
+        return problem
+    model = obj.get("model")
+    if model is not None and (not isinstance(model, str) or len(model) > _MAX_MODEL_LENGTH):
+        return Rejected(
+            "invalid_field", f"'model' must be a string of at most {_MAX_MODEL_LENGTH} characters"
+        )
+    timeout = obj.get("timeout_s")
+    if timeout is not None:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or not 0 < timeout <= max_timeout_s
+        ):
+            return Rejected(
+                "invalid_field", f"'timeout_s' must be a number in (0, {max_timeout_s}]"
+            )
+        timeout = float(timeout)
+    metadata = obj.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        return Rejected("invalid_field", "'metadata' must be an object")
+    return TaskRequest(
+        task_id=task_id,
+        model=model or None,
+        timeout_s=timeout,
+        created_at=parse_timestamp(obj.get("created_at")),
+        metadata=metadata,
+    )

@@ -1,0 +1,194 @@
+"""Prometheus metrics: one registry per bridge; base units, ``wavespeed_bridge_`` prefix."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+PREFIX = "wavespeed_bridge"
+
+_LATENCY_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 3600)
+_INFERENCE_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600, 1800)
+_POLL_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 200, 500)
+_FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_DELAY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
+
+
+class ModelLabels:
+    """Caps distinct ``model`` label values: model names come from untrusted input."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, model: str | None) -> str:
+        if not model:
+            return "unknown"
+        if model in self._seen:
+            return model
+        if len(self._seen) >= self._limit:
+            return "other"
+        self._seen.add(model)
+        return model
+
+
+class Metrics:
+    def __init__(self, *, max_model_labels: int = 200, version: str = "0") -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.model_label = ModelLabels(max_model_labels)
+        p = PREFIX
+        Info(f"{p}_build", "Build information.", registry=r).info({"version": version})
+        self.consumed = Counter(
+            f"{p}_tasks_consumed",
+            "Task messages accepted from the input topic.",
+            ["model"],
+            registry=r,
+        )
+        self.finished = Counter(
+            f"{p}_tasks_finished",
+            "Tasks whose terminal event the broker acknowledged, by outcome "
+            "(completed, failed, timeout).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            f"{p}_duplicate_tasks",
+            "Input messages for a task id already in flight (polled once, one event).",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            f"{p}_dead_letters",
+            "Input messages sent to the dead-letter topic.",
+            ["reason"],
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            f"{p}_end_to_end_latency_seconds",
+            "From the task's created_at to its event acknowledged by the broker.",
+            ["model", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            f"{p}_inference_seconds",
+            "timings.inference reported by the API for completed tasks.",
+            ["model"],
+            buckets=_INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.polls_per_task = Histogram(
+            f"{p}_polls_per_task",
+            "Result requests made per finished task.",
+            ["model"],
+            buckets=_POLL_BUCKETS,
+            registry=r,
+        )
+        self.detection_delay = Histogram(
+            f"{p}_detection_delay_bound_seconds",
+            "Gap between the last non-terminal poll and the terminal poll: an upper bound on "
+            "how late the bridge noticed completion.",
+            ["model"],
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.api_responses = Counter(
+            f"{p}_api_responses",
+            "Result API responses by HTTP status class (error: no response).",
+            ["status_class"],
+            registry=r,
+        )
+        self.api_errors = Counter(
+            f"{p}_api_errors",
+            "Result API calls that did not yield a usable answer, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.api_request_duration = Histogram(
+            f"{p}_api_request_duration_seconds",
+            "Duration of result API requests.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.api_up = Gauge(
+            f"{p}_api_up", "1 if the last result API request got a usable answer.", registry=r
+        )
+        self.auth_errors = Counter(
+            f"{p}_api_auth_errors", "HTTP 401/403 from the result API.", registry=r
+        )
+        self.rate_limited = Counter(
+            f"{p}_api_rate_limited", "HTTP 429 from the result API.", registry=r
+        )
+        self.paused_seconds = Counter(
+            f"{p}_api_pause_seconds",
+            "Seconds of global polling pause ordered by 429 Retry-After or auth errors.",
+            ["reason"],
+            registry=r,
+        )
+        self.budget_wait = Counter(
+            f"{p}_budget_wait_seconds",
+            "Seconds due polls waited for the request budget.",
+            registry=r,
+        )
+        self.budget_utilization = Gauge(
+            f"{p}_budget_utilization_ratio",
+            "Requests made over requests allowed by the budget in the last interval.",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{p}_tasks_in_flight", "Tasks consumed and not yet finished.", registry=r
+        )
+        self.due = Gauge(
+            f"{p}_polls_due",
+            "Polls whose time has come, waiting for a slot or budget.",
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            f"{p}_api_requests_in_flight", "Result API requests under way.", registry=r
+        )
+        self.events_pending = Gauge(
+            f"{p}_events_pending",
+            "Events produced and not yet acknowledged by the broker.",
+            registry=r,
+        )
+        self.published = Counter(
+            f"{p}_events_published",
+            "Records acknowledged by the broker, by topic kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.publish_failures = Counter(
+            f"{p}_publish_failures",
+            "Produce attempts that failed and will be retried.",
+            registry=r,
+        )
+        self.publish_latency = Histogram(
+            f"{p}_publish_latency_seconds",
+            "From the terminal poll's response to the event acknowledged by the broker.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.commits = Counter(f"{p}_commits", "Successful offset commits.", registry=r)
+        self.commit_failures = Counter(
+            f"{p}_commit_failures", "Offset commits that failed (retried).", registry=r
+        )
+        self.consumer_paused = Gauge(
+            f"{p}_consumer_paused", "1 while fetching is paused at the in-flight cap.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            f"{p}_consumer_lag_messages",
+            "High watermark minus committed position, summed over assigned partitions.",
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            f"{p}_assigned_partitions", "Input partitions assigned to this member.", registry=r
+        )
+        self.rebalances = Counter(f"{p}_rebalances", "Partition assignments received.", registry=r)
+        self.revoked_in_flight = Counter(
+            f"{p}_revoked_in_flight_tasks",
+            "In-flight tasks dropped on partition revocation; the new owner polls them again "
+            "(the source of rebalance duplicates).",
+            registry=r,
+        )
+        self.kafka_up = Gauge(
+            f"{p}_kafka_up", "1 if the last broker health check succeeded.", registry=r
+        )
+        self.ready = Gauge(f"{p}_ready", "1 when /readyz reports ready.", registry=r)

@@ -1,0 +1,60 @@
+"""The metrics and health HTTP server: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class HealthServer:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Callable[[], tuple[bool, str]],
+        alive: Callable[[], tuple[bool, str]],
+    ) -> None:
+        self._host, self._port = host, port
+        self._registry = registry
+        self._ready = ready
+        self._alive = alive
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @staticmethod
+    def _probe(check: Callable[[], tuple[bool, str]]) -> web.Response:
+        ok, why = check()
+        return web.Response(status=200 if ok else 503, text=why + "\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return self._probe(self._ready)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return self._probe(self._alive)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,417 @@
+"""A faithful WaveSpeed API simulator, served over real HTTP (``wavespeed-bridge simulate-api``).
+
+What it does, as the real API does (``shared/wavespeed-api.md``):
+
+- ``POST /api/v3/{model-id}`` creates a task and answers with the envelope, ``status:
+  created`` and ``urls.get``;
+- ``GET /api/v3/predictions/{id}`` and ``.../{id}/result`` return the task's state;
+- ``Authorization: Bearer <key>`` is checked (401 without, 403 for a wrong key);
+- unknown ids are 404; tasks are ``created`` → ``processing`` → ``completed``/``failed``.
+
+For tests and benchmarks it also has, per model, a lognormal completion-time
+distribution and failure rate; global fault injection (429s with ``Retry-After``, 5xx,
+outages that answer 503 or refuse connections, a requests/s limit); per-task hostile
+behaviours; and ``/_sim/*`` endpoints to create tasks with known timings and read counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import math
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from bridge.events import rfc3339
+from bridge.scheduler import TokenBucket
+
+BEHAVIOURS = (
+    "normal",
+    "truncated_json",  # a body cut in half
+    "wrong_types",  # status is a number, outputs a string, timings a list
+    "unknown_status",  # status "queued_for_gpu", never documented
+    "huge_body",  # 50 MB of JSON padding
+    "stall",  # headers, then nothing
+    "redirect",  # 302 to another host
+    "html",  # a proxy's HTML error page with 200
+    "html_502",  # a proxy's HTML error page with 502
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    pattern: str
+    median_s: float = 3.0
+    sigma: float = 0.5  # lognormal shape; larger = heavier tail
+    failure_rate: float = 0.0
+    queue_s: float = 0.2  # time spent in "created" before "processing"
+
+
+DEFAULT_PROFILES = (
+    ModelProfile("*video*", median_s=120.0, sigma=0.6, failure_rate=0.02, queue_s=1.0),
+    ModelProfile("*", median_s=3.0, sigma=0.4, failure_rate=0.02),
+)
+
+
+@dataclass(slots=True)
+class SimTask:
+    id: str
+    model: str
+    created_wall: float
+    created: float  # monotonic
+    duration_s: float
+    queue_s: float
+    outcome: str  # completed | failed
+    error: str | None
+    behaviour: str = "normal"
+    polls: int = 0
+    first_terminal_poll: float | None = None  # monotonic time a poll first saw it finished
+    poll_times: list[float] = field(default_factory=list)
+
+    @property
+    def done_at(self) -> float:
+        return self.created + self.duration_s
+
+
+@dataclass(slots=True)
+class Faults:
+    rate_429: float = 0.0
+    rate_5xx: float = 0.0
+    retry_after_s: int = 1
+    outage_until: float = 0.0  # monotonic
+    outage_mode: str = "503"  # 503 | refuse
+    requests_per_second: float = 0.0  # 0: unlimited
+
+
+class Simulator:
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        profiles: tuple[ModelProfile, ...] = DEFAULT_PROFILES,
+        seed: int | None = None,
+        record_poll_times: bool = False,
+    ) -> None:
+        self.api_key = api_key
+        self.host = host
+        self.port = port
+        self.profiles = profiles
+        self.rng = random.Random(seed)
+        self.tasks: dict[str, SimTask] = {}
+        self.faults = Faults()
+        self.requests = 0
+        self.responses: dict[int, int] = {}
+        self.record_poll_times = record_poll_times
+        self._limiter: TokenBucket | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._restart: asyncio.TimerHandle | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1_048_576)
+        app.router.add_post("/_sim/tasks", self._sim_create)
+        app.router.add_post("/_sim/faults", self._sim_faults)
+        app.router.add_get("/_sim/stats", self._sim_stats)
+        app.router.add_get("/api/v3/predictions/{id}", self._get)
+        app.router.add_get("/api/v3/predictions/{id}/result", self._get)
+        app.router.add_post("/api/v3/{model:.+}", self._submit)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await self._listen()
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await self._site.start()
+        server = self._site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._restart is not None:
+            self._restart.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # --- tasks -------------------------------------------------------------------------
+
+    def profile(self, model: str) -> ModelProfile:
+        for p in self.profiles:
+            if fnmatch.fnmatchcase(model, p.pattern):
+                return p
+        return DEFAULT_PROFILES[-1]
+
+    def create(
+        self,
+        model: str,
+        *,
+        task_id: str | None = None,
+        duration_s: float | None = None,
+        outcome: str | None = None,
+        error: str | None = None,
+        behaviour: str = "normal",
+        age_s: float = 0.0,
+    ) -> SimTask:
+        prof = self.profile(model)
+        if duration_s is None:
+            duration_s = prof.median_s * math.exp(self.rng.gauss(0.0, prof.sigma))
+        if outcome is None:
+            outcome = "failed" if self.rng.random() < prof.failure_rate else "completed"
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(f"unknown behaviour {behaviour!r}")
+        now, wall = time.monotonic(), time.time()
+        task = SimTask(
+            id=task_id or secrets.token_hex(16),
+            model=model,
+            created_wall=wall - age_s,
+            created=now - age_s,
+            duration_s=max(0.0, duration_s),
+            queue_s=min(prof.queue_s, duration_s / 4),
+            outcome=outcome,
+            error=error
+            or ("simulated failure: GPU out of memory" if outcome == "failed" else None),
+            behaviour=behaviour,
+        )
+        self.tasks[task.id] = task
+        return task
+
+    def view(self, task: SimTask, now: float) -> dict[str, Any]:
+        elapsed = now - task.created
+        data: dict[str, Any] = {
+            "id": task.id,
+            "model": task.model,
+            "outputs": [],
+            "urls": {"get": f"{self.base_url}/api/v3/predictions/{task.id}/result"},
+            "has_nsfw_contents": [],
+            "created_at": rfc3339(task.created_wall),
+        }
+        if elapsed < task.queue_s:
+            data["status"] = "created"
+        elif elapsed < task.duration_s:
+            data["status"] = "processing"
+        elif task.outcome == "failed":
+            data["status"] = "failed"
+            data["error"] = task.error
+        else:
+            data["status"] = "completed"
+            data["outputs"] = [f"https://cdn.example.invalid/generated/{task.id}.png"]
+            data["has_nsfw_contents"] = [False]
+            data["timings"] = {"inference": int((task.duration_s - task.queue_s) * 1000)}
+        return data
+
+    # --- HTTP --------------------------------------------------------------------------
+
+    @staticmethod
+    def _envelope(code: int, message: str, data: Any = None) -> web.Response:
+        body = {"code": code, "message": message, "data": data}
+        return web.Response(
+            status=code, body=json.dumps(body).encode(), content_type="application/json"
+        )
+
+    def _gate(self, request: web.Request) -> web.Response | None:
+        """Auth, outages, limits and injected faults, in the order a real edge applies them."""
+        self.requests += 1
+        now = time.monotonic()
+        if now < self.faults.outage_until:
+            return self._envelope(503, "service unavailable (simulated outage)")
+        if self.api_key is not None:
+            auth = request.headers.get("Authorization", "")
+            if not auth.startswith("Bearer "):
+                return self._envelope(401, "missing API key")
+            if not secrets.compare_digest(auth[7:].encode(), self.api_key.encode()):
+                return self._envelope(403, "invalid API key")
+        if self._limiter is not None:
+            if self._limiter.available(now) < 1:
+                resp = self._envelope(429, "too many requests")
+                resp.headers["Retry-After"] = str(self.faults.retry_after_s)
+                return resp
+            self._limiter.take(1, now)
+        f = self.faults
+        if f.rate_429 and self.rng.random() < f.rate_429:
+            resp = self._envelope(429, "too many requests")
+            resp.headers["Retry-After"] = str(f.retry_after_s)
+            return resp
+        if f.rate_5xx and self.rng.random() < f.rate_5xx:
+            return self._envelope(self.rng.choice((500, 502, 503)), "internal error")
+        return None
+
+    def _count(self, response: web.StreamResponse) -> web.StreamResponse:
+        self.responses[response.status] = self.responses.get(response.status, 0) + 1
+        return response
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        refused = self._gate(request)
+        if refused is not None:
+            return self._count(refused)
+        task = self.tasks.get(request.match_info["id"])
+        if task is None:
+            return self._count(self._envelope(404, "prediction not found"))
+        now = time.monotonic()
+        task.polls += 1
+        if self.record_poll_times:
+            task.poll_times.append(now)
+        data = self.view(task, now)
+        if data["status"] in ("completed", "failed") and task.first_terminal_poll is None:
+            task.first_terminal_poll = now
+        if task.behaviour != "normal":
+            return self._count(await self._hostile(request, task, data))
+        return self._count(self._envelope(200, "success", data))
+
+    async def _hostile(
+        self, request: web.Request, task: SimTask, data: dict[str, Any]
+    ) -> web.StreamResponse:
+        b = task.behaviour
+        if b == "truncated_json":
+            body = json.dumps({"code": 200, "message": "success", "data": data}).encode()
+            return web.Response(body=body[: len(body) // 2], content_type="application/json")
+        if b == "wrong_types":
+            bad = {"id": 42, "status": 7, "outputs": "x", "timings": [1], "created_at": True}
+            return self._envelope(200, "success", bad)
+        if b == "unknown_status":
+            return self._envelope(200, "success", {**data, "status": "queued_for_gpu"})
+        if b == "html":
+            return web.Response(
+                body=b"<html><body>Bad gateway</body></html>", content_type="text/html"
+            )
+        if b == "html_502":
+            return web.Response(
+                status=502,
+                body=b"<html><body>502 Bad gateway</body></html>",
+                content_type="text/html",
+            )
+        if b == "redirect":
+            raise web.HTTPFound(f"http://169.254.169.254/api/v3/predictions/{task.id}")
+        if b == "huge_body":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 50 * 1024 * 1024
+            await resp.prepare(request)
+            chunk = b" " * 65536
+            try:
+                for _ in range(50 * 16):
+                    await resp.write(chunk)
+            except (ConnectionError, RuntimeError):
+                pass  # the client stopped reading, as it should
+            return resp
+        # stall: headers, then silence until the client gives up
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await asyncio.sleep(3600)
+        return resp
+
+    async def _submit(self, request: web.Request) -> web.StreamResponse:
+        refused = self._gate(request)
+        if refused is not None:
+            return self._count(refused)
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return self._count(self._envelope(400, "body must be JSON"))
+        if not isinstance(body, dict):
+            return self._count(self._envelope(400, "body must be a JSON object"))
+        raw = body.get("_sim")
+        sim: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        try:
+            task = self._create_from(request.match_info["model"], sim)
+        except (ValueError, TypeError) as exc:
+            return self._count(self._envelope(400, str(exc)))
+        return self._count(self._envelope(200, "success", self.view(task, time.monotonic())))
+
+    def _create_from(self, model: str, sim: dict[str, Any]) -> SimTask:
+        duration = sim.get("duration_s")
+        return self.create(
+            model,
+            task_id=sim.get("id"),
+            duration_s=float(duration) if duration is not None else None,
+            outcome=sim.get("outcome"),
+            error=sim.get("error"),
+            behaviour=sim.get("behaviour", "normal"),
+            age_s=float(sim.get("age_s", 0.0)),
+        )
+
+    async def _sim_create(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        items = body if isinstance(body, list) else [body]
+        created = []
+        try:
+            for item in items:
+                created.append(self._create_from(item.get("model", "sim/model"), item).id)
+        except (ValueError, TypeError, AttributeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"ids": created})
+
+    async def _sim_faults(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.set_faults(**body)
+        return web.json_response({"ok": True})
+
+    def set_faults(
+        self,
+        *,
+        rate_429: float | None = None,
+        rate_5xx: float | None = None,
+        retry_after_s: int | None = None,
+        outage_s: float | None = None,
+        outage_mode: str | None = None,
+        requests_per_second: float | None = None,
+    ) -> None:
+        f = self.faults
+        if rate_429 is not None:
+            f.rate_429 = rate_429
+        if rate_5xx is not None:
+            f.rate_5xx = rate_5xx
+        if retry_after_s is not None:
+            f.retry_after_s = retry_after_s
+        if requests_per_second is not None:
+            f.requests_per_second = requests_per_second
+            self._limiter = (
+                TokenBucket(requests_per_second, max(1, requests_per_second), time.monotonic())
+                if requests_per_second > 0
+                else None
+            )
+        if outage_s is not None:
+            mode = outage_mode or "503"
+            if mode == "refuse":
+                asyncio.get_running_loop().create_task(self._refuse_for(outage_s))
+            else:
+                f.outage_mode = mode
+                f.outage_until = time.monotonic() + outage_s
+
+    async def _refuse_for(self, seconds: float) -> None:
+        """Close the listening socket so connections are refused, then listen again."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        await asyncio.sleep(seconds)
+        if self._runner is not None:
+            await self._listen()
+
+    async def _sim_stats(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.stats())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "responses": {str(k): v for k, v in sorted(self.responses.items())},
+            "tasks": len(self.tasks),
+            "polls": {t.id: t.polls for t in self.tasks.values()},
+        }

@@ -1,0 +1,286 @@
+"""Test helpers: configs for the real broker and simulator, a bridge runner, event readers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from bridge.app import Bridge
+from bridge.broker import LocalBroker, free_port
+from bridge.config import Config, build_config
+from bridge.simulator import Simulator
+
+API_KEY = "test-key-7f3a9c"
+
+
+@dataclass
+class Names:
+    """Unique topic and group names for one test."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+
+    @property
+    def input(self) -> str:
+        return f"in-{self.tag}"
+
+    @property
+    def completed(self) -> str:
+        return f"done-{self.tag}"
+
+    @property
+    def failed(self) -> str:
+        return f"failed-{self.tag}"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"dlq-{self.tag}"
+
+    @property
+    def group(self) -> str:
+        return f"group-{self.tag}"
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.completed, self.failed, self.dead_letter]
+
+
+def config_data(
+    broker: LocalBroker, base_url: str, names: Names, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": broker.bootstrap,
+            "group_id": names.group,
+            "input_topic": names.input,
+            "completed_topic": names.completed,
+            "failed_topic": names.failed,
+            "dead_letter_topic": names.dead_letter,
+            "session_timeout_ms": 4000,
+            "heartbeat_interval_ms": 1000,
+            "commit_interval_s": 0.2,
+            "health_check_interval_s": 0.5,
+            "request_timeout_ms": 5000,
+        },
+        "api": {"base_url": base_url, "connect_timeout_s": 1.0, "read_timeout_s": 2.0},
+        "polling": {
+            "interval_s": 0.2,
+            "default_timeout_s": 30,
+            "backoff_base_s": 0.1,
+            "backoff_max_s": 0.5,
+        },
+        "server": {"host": "127.0.0.1", "port": free_port()},
+        "logging": {"format": "json", "level": "INFO"},
+        "shutdown_grace_s": 5,
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return data
+
+
+def make_config(
+    broker: LocalBroker, base_url: str, names: Names, **sections: dict[str, Any]
+) -> Config:
+    return build_config(config_data(broker, base_url, names, **sections), env={})
+
+
+async def create_topics(broker: LocalBroker, names: Names, partitions: int = 1) -> None:
+    await broker.create_topics([names.input], partitions=partitions)
+    await broker.create_topics(names.outputs)
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(
+    config: Config, *, api_key: str | None = API_KEY, wait_ready: bool = True
+) -> AsyncIterator[Bridge]:
+    bridge = Bridge(config, api_key=api_key)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    try:
+        if wait_ready:
+            deadline = time.monotonic() + 20
+            while not bridge.readiness()[0]:
+                if task.done():
+                    task.result()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"bridge not ready: {bridge.readiness()[1]}")
+                await asyncio.sleep(0.05)
+        yield bridge
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    values: Sequence[bytes | str | dict[str, Any]],
+    *,
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        futures = []
+        for v in values:
+            raw = (
+                v
+                if isinstance(v, bytes)
+                else v.encode()
+                if isinstance(v, str)
+                else json.dumps(v).encode()
+            )
+            futures.append(
+                await producer.send(topic, value=raw, key=key, headers=headers, partition=partition)
+            )
+        for f in futures:
+            await f
+    finally:
+        await producer.stop()
+
+
+@dataclass
+class Received:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    partition: int
+    offset: int
+
+    @property
+    def event(self) -> dict[str, Any]:
+        assert self.value is not None
+        obj: dict[str, Any] = json.loads(self.value)
+        return obj
+
+
+async def read_all(
+    bootstrap: str,
+    topics: list[str],
+    *,
+    expect: int,
+    timeout: float = 30.0,
+    settle: float = 0.0,
+) -> list[Received]:
+    """Read output topics from the beginning until ``expect`` records (then ``settle`` more s)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    await consumer.start()
+    out: list[Received] = []
+    try:
+        parts = []
+        for t in topics:
+            for _ in range(50):
+                ps = consumer.partitions_for_topic(t)
+                if ps:
+                    break
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.1)
+            parts += [TopicPartition(t, p) for p in (consumer.partitions_for_topic(t) or {0})]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        deadline = time.monotonic() + timeout
+        settle_until: float | None = None
+        while True:
+            now = time.monotonic()
+            if len(out) >= expect and settle_until is None:
+                settle_until = now + settle
+            if settle_until is not None and now >= settle_until:
+                break
+            if now > deadline:
+                break
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                for m in msgs:
+                    out.append(
+                        Received(
+                            m.topic, m.key, m.value, dict(m.headers or ()), m.partition, m.offset
+                        )
+                    )
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        out = []
+        for p in range(partitions):
+            out.append(await consumer.committed(TopicPartition(topic, p)) or 0)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def sim_create(sim: Simulator, items: list[dict[str, Any]]) -> list[str]:
+    async with httpx.AsyncClient(base_url=sim.base_url) as client:
+        response = await client.post("/_sim/tasks", json=items)
+        response.raise_for_status()
+        ids: list[str] = response.json()["ids"]
+        return ids
+
+
+async def scrape(port: int) -> str:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def spawn_daemon(
+    config: dict[str, Any],
+    tmp: Path,
+    *,
+    env: dict[str, str] | None = None,
+    log_name: str = "daemon.log",
+) -> subprocess.Popen[bytes]:
+    """The real daemon as a subprocess (``python -m bridge run``), logs to a file."""
+    path = tmp / f"config-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(tmp / log_name, "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "bridge", "run", "--config", str(path)],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "WAVESPEED_API_KEY": API_KEY, **(env or {})},
+    )
