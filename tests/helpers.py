@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,9 +177,10 @@ async def read_all(
     bootstrap: str,
     topics: list[str],
     *,
-    expect: int,
+    expect: int = 0,
     timeout: float = 30.0,
     settle: float = 0.0,
+    until: Callable[[list[Received]], bool] | None = None,
 ) -> list[Received]:
     """Read output topics from the beginning until ``expect`` records (then ``settle`` more s)."""
     consumer = AIOKafkaConsumer(
@@ -206,7 +207,8 @@ async def read_all(
         settle_until: float | None = None
         while True:
             now = time.monotonic()
-            if len(out) >= expect and settle_until is None:
+            enough = until(out) if until is not None else len(out) >= expect
+            if enough and settle_until is None:
                 settle_until = now + settle
             if settle_until is not None and now >= settle_until:
                 break

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.cli import main
+from bridge.config import ApiConfig, ConfigError, build_config, load_config, read_api_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def problems(data: dict[str, object], env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        build_config(data, env or {})
+    return info.value.problems
+
+
+def test_defaults_are_valid() -> None:
+    config = build_config({}, {})
+    assert config.kafka.input_topic == "wavespeed.tasks"
+    assert config.polling.interval_s == 2.0
+    assert config.polling.default_timeout_s == 300.0
+    assert config.api.verify_tls is True
+
+
+@pytest.mark.parametrize("name", ["bridge.yaml", "local.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    load_config(ROOT / "config" / name, env={})
+
+
+def test_wrong_type_names_the_key() -> None:
+    assert problems({"kafka": {"session_timeout_ms": "soon"}}) == [
+        "kafka.session_timeout_ms: expected an integer, got 'soon'"
+    ]
+
+
+def test_unknown_key_names_the_key() -> None:
+    assert problems({"kafka": {"bootstrap_server": "x"}}) == ["kafka.bootstrap_server: unknown key"]
+    assert problems({"pollling": {}}) == ["pollling: unknown key"]
+
+
+def test_bool_is_not_an_integer_and_literals_are_checked() -> None:
+    found = problems({"server": {"port": True}, "logging": {"format": "xml"}})
+    assert "server.port: expected an integer, got True" in found
+    assert "logging.format: expected one of 'json', 'console', got 'xml'" in found
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems({"api": {"read_timeout_s": "x", "nope": 1}, "polling": {"jitter": "y"}})
+    assert len(found) == 3
+
+
+def test_semantic_checks() -> None:
+    found = problems(
+        {
+            "kafka": {"security_protocol": "SASL_SSL"},
+            "polling": {"interval_s": 0},
+            "api": {"result_path": "/x"},
+        }
+    )
+    assert "kafka.sasl_mechanism: required when security_protocol is SASL_*" in found
+    assert "polling.interval_s: must be > 0, got 0.0" in found
+    assert "api.result_path: must start with / and contain {id} exactly once" in found
+
+
+def test_env_overrides_every_key_with_yaml_typing() -> None:
+    config = build_config(
+        {"kafka": {"bootstrap_servers": "a:1"}},
+        {
+            "BRIDGE_KAFKA__BOOTSTRAP_SERVERS": "b:2",
+            "BRIDGE_SERVER__PORT": "9000",
+            "BRIDGE_API__VERIFY_TLS": "false",
+            "BRIDGE_SHUTDOWN_GRACE_S": "7.5",
+            "BRIDGE_KAFKA__TIMEOUT_TOPIC": "",
+            "OTHER": "ignored",
+        },
+    )
+    assert config.kafka.bootstrap_servers == "b:2"
+    assert config.server.port == 9000
+    assert config.api.verify_tls is False
+    assert config.shutdown_grace_s == 7.5
+    assert config.kafka.timeout_topic is None
+
+
+def test_env_override_errors_name_the_key() -> None:
+    assert problems({}, {"BRIDGE_KAFKA__NOPE": "1"}) == ["kafka.nope: unknown key"]
+    assert problems({}, {"BRIDGE_SERVER__PORT": "eighty"}) == [
+        "server.port: expected an integer, got 'eighty'"
+    ]
+
+
+def test_model_classes_list() -> None:
+    config = build_config(
+        {"polling": {"model_classes": [{"pattern": "*", "median_s": 3, "p90_s": 9}]}}, {}
+    )
+    assert config.polling.model_classes[0].median_s == 3.0
+    assert problems({"polling": {"model_classes": [{"median_s": 3}]}}) == [
+        "polling.model_classes[0].pattern: required"
+    ]
+
+
+def test_api_key_from_file_wins_over_env(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert read_api_key(ApiConfig(api_key_file=str(key_file)), {"WAVESPEED_API_KEY": "e"}) == (
+        "from-file"
+    )
+    assert read_api_key(ApiConfig(), {"WAVESPEED_API_KEY": "from-env"}) == "from-env"
+    assert read_api_key(ApiConfig(), {}) is None
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(ROOT / "config" / "bridge.yaml")]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka:\n  group_id: 5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-config", str(bad)])
+    assert exit_info.value.code == 2
+    assert "kafka.group_id: expected a string, got 5" in capsys.readouterr().err

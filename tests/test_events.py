@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from bridge.api import Prediction
+from bridge.events import build_event, dead_letter_record, event_record
+
+SCHEMA = Path(__file__).resolve().parents[1] / "bridge" / "schemas" / "event.schema.json"
+
+
+def _event(**overrides: Any) -> dict[str, Any]:
+    args: dict[str, Any] = dict(
+        kind="completed",
+        task_id="pred_1",
+        model=None,
+        prediction=Prediction(
+            id="pred_1",
+            model="wavespeed-ai/flux-dev",
+            status="completed",
+            outputs=["https://cdn/x.png"],
+            inference_ms=2500,
+            created_at=1704110400.0,
+            created_at_raw="2024-01-01T12:00:00.000Z",
+        ),
+        reason=None,
+        created_at=1704110400.0,
+        observed_at=1704110403.5,
+        polls=3,
+        metadata={"user": "u1"},
+        source="urn:test",
+        input_key=b"\xffkey",
+        origins=[("in", 2, 41)],
+        event_id="e-1",
+    )
+    args.update(overrides)
+    return build_event(**args)
+
+
+def test_completed_event_shape() -> None:
+    e = _event()
+    assert e["specversion"] == "1.0"
+    assert e["type"] == "ai.wavespeed.prediction.completed"
+    assert e["subject"] == "pred_1"
+    assert e["time"] == "2024-01-01T12:00:03.500Z"
+    d = e["data"]
+    assert d["outputs"] == ["https://cdn/x.png"]
+    assert d["inference_time_s"] == 2.5
+    assert d["error"] is None
+    assert d["created_at"] == "2024-01-01T12:00:00.000Z"
+    assert d["observed_at"] == "2024-01-01T12:00:03.500Z"
+    assert d["polls"] == 3 and d["metadata"] == {"user": "u1"}
+    assert d["input"] == {
+        "key": {"base64": "/2tleQ=="},
+        "records": [{"topic": "in", "partition": 2, "offset": 41}],
+    }
+
+
+def test_timeout_event_carries_reason_and_no_outputs() -> None:
+    e = _event(kind="timeout", prediction=None, model="m", reason="deadline of 5s passed")
+    assert e["type"] == "ai.wavespeed.prediction.timeout"
+    assert e["data"]["outputs"] == [] and e["data"]["error"] == "deadline of 5s passed"
+    assert e["data"]["model"] == "m"
+    assert e["data"]["created_at"] == "2024-01-01T12:00:00.000Z"
+
+
+def test_event_record_key_headers_and_json() -> None:
+    rec = event_record("out", _event(), (("trace", b"1"), ("content-type", b"text/plain")))
+    assert rec.key == b"pred_1"
+    assert rec.headers == [
+        ("trace", b"1"),
+        ("content-type", b"application/cloudevents+json; charset=utf-8"),
+    ]
+    assert rec.value is not None
+    assert json.loads(rec.value)["id"] == "e-1"
+
+
+def test_dead_letter_keeps_original_and_truncates_oversize() -> None:
+    rec = dead_letter_record(
+        topic="dlq",
+        source_topic="in",
+        partition=1,
+        offset=9,
+        key=b"k",
+        value=b"x" * 10,
+        headers=(("h", b"v"),),
+        reason="oversize",
+        detail="too big",
+        max_value_bytes=4,
+    )
+    assert rec.value == b"xxxx" and rec.key == b"k"
+    h = dict(rec.headers)
+    assert h["h"] == b"v" and h["dlq.reason"] == b"oversize" and h["dlq.offset"] == b"9"
+    assert h["dlq.topic"] == b"in" and h["dlq.partition"] == b"1"
+    assert h["dlq.value_truncated"] == b"10"
+
+
+def test_events_match_the_shipped_schema() -> None:
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    for kind in ("completed", "failed", "timeout"):
+        validator.validate(_event(kind=kind))
+    validator.validate(_event(prediction=None, input_key=None, metadata=None, created_at=None))
+    broken = _event()
+    broken["data"]["polls"] = "3"
+    assert not validator.is_valid(broken)

@@ -1,0 +1,68 @@
+"""A live /metrics scrape passes `promtool check metrics`; health endpoints answer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import httpx
+import pytest
+
+from bridge.broker import LocalBroker
+from bridge.simulator import Simulator
+from tests.helpers import (
+    Names,
+    create_topics,
+    make_config,
+    produce,
+    read_all,
+    running_bridge,
+    scrape,
+    sim_create,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_live_scrape_passes_promtool_and_probes_answer(
+    broker: LocalBroker, sim: Simulator, names: Names
+) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (scripts/tools installs it when run as root)")
+    await create_topics(broker, names)
+    ids = await sim_create(
+        sim,
+        [
+            {"model": "wavespeed-ai/flux-dev", "duration_s": 0.2},
+            {"model": "m", "duration_s": 0.1, "outcome": "failed"},
+        ],
+    )
+    config = make_config(broker, sim.base_url, names)
+    async with running_bridge(config) as bridge:
+        await produce(broker.bootstrap, names.input, [*ids, "bad id!"])
+        await read_all(broker.bootstrap, names.outputs, expect=3)
+        text = await scrape(bridge.server.port)
+        async with httpx.AsyncClient() as client:
+            base = f"http://127.0.0.1:{bridge.server.port}"
+            assert (await client.get(f"{base}/healthz")).status_code == 200
+            ready = await client.get(f"{base}/readyz")
+            assert ready.status_code == 200 and ready.text.strip() == "ready"
+    for name in (
+        "wavespeed_bridge_tasks_finished_total",
+        "wavespeed_bridge_inference_seconds",
+        "wavespeed_bridge_end_to_end_latency_seconds",
+        "wavespeed_bridge_polls_per_task",
+        "wavespeed_bridge_dead_letters_total",
+        "wavespeed_bridge_tasks_in_flight",
+    ):
+        assert name in text
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert result.stdout.decode().strip() == "" and result.stderr.decode().strip() == ""

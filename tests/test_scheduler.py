@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import random
+
+from bridge.policy import FixedInterval, retry_delay
+from bridge.scheduler import Scheduler, TokenBucket
+from bridge.tasks import Task
+
+
+def test_due_order_cancel_and_reschedule() -> None:
+    s: Scheduler[str] = Scheduler()
+    s.schedule("a", 3.0)
+    s.schedule("b", 1.0)
+    s.schedule("c", 2.0)
+    s.cancel("c")
+    s.schedule("b", 5.0)  # replaces the earlier time
+    assert s.next_wakeup(0.0) == 3.0
+    assert s.take(2.9, 10) == []
+    assert s.take(3.0, 10) == ["a"]
+    assert s.take(4.0, 10) == []
+    assert s.take(6.0, 10) == ["b"]
+    assert len(s) == 0 and s.next_wakeup(7.0) is None
+
+
+def test_limit_leaves_the_rest_ready() -> None:
+    s: Scheduler[int] = Scheduler()
+    for i in range(5):
+        s.schedule(i, float(i))
+    assert s.take(10.0, 2) == [0, 1]  # oldest due first
+    assert s.ready_count(10.0) == 3
+    assert s.next_wakeup(10.0) == 10.0
+    assert s.take(10.0, 10) == [2, 3, 4]
+
+
+def test_budget_caps_the_rate() -> None:
+    bucket = TokenBucket(rate=10.0, burst=10, now=0.0)
+    s: Scheduler[int] = Scheduler(budget=bucket)
+    for i in range(100):
+        s.schedule(i, 0.0)
+    taken = 0
+    t = 0.0
+    while t <= 5.0:
+        taken += len(s.take(t, 1000))
+        t += 0.01
+    assert 55 <= taken <= 61  # 10 burst + 10/s for 5 s
+    assert s.budget_wait_s > 0
+
+
+def test_pause_holds_everything() -> None:
+    s: Scheduler[str] = Scheduler()
+    s.schedule("a", 0.0)
+    s.pause_until(30.0)
+    assert s.take(10.0, 5) == []
+    assert s.next_wakeup(10.0) == 30.0
+    assert s.take(30.0, 5) == ["a"]
+
+
+def test_fixed_policy_schedule() -> None:
+    p = FixedInterval(2.0, jitter=0.0)
+    t = Task(
+        task_id="x", model=None, created=100.0, created_wall=0.0, first_seen=100.0, timeout_s=5.0
+    )
+    assert p.first_poll(t, 100.0) == 102.0
+    assert p.next_poll(t, 104.0) == 105.0  # clamped to the deadline
+    late = Task(
+        task_id="y", model=None, created=0.0, created_wall=0.0, first_seen=100.0, timeout_s=300.0
+    )
+    assert p.first_poll(late, 100.0) == 100.0  # created long ago: poll now
+
+
+def test_retry_delay_full_jitter_capped() -> None:
+    rng = random.Random(1)
+    delays = [retry_delay(n, 1.0, 30.0, rng) for n in range(1, 12) for _ in range(50)]
+    assert max(delays) <= 30.0 and min(delays) >= 0.1
+    assert max(retry_delay(1, 1.0, 30.0, rng) for _ in range(200)) <= 2.0
