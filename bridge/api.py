@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+import structlog
 
-from bridge.messages import parse_timestamp, task_path
+from bridge.messages import finite_number, parse_timestamp, safe_text, task_path
+
+log = structlog.get_logger("wavespeed_bridge.api")
 
 
 class Kind(enum.Enum):
@@ -65,8 +67,9 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(min(int(value), 86_400))
+    if value.isascii() and value.isdigit():  # "²".isdigit() is true, and int() refuses it
+        digits = value.lstrip("0") or "0"
+        return 86_400.0 if len(digits) > 5 else float(min(int(digits), 86_400))
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -81,24 +84,17 @@ def _prediction(data: dict[str, Any]) -> Prediction:
 
     def text(name: str, limit: int = 4096) -> str | None:
         v = data.get(name)
-        return v[:limit] if isinstance(v, str) else None
+        return safe_text(v[:limit]) if isinstance(v, str) else None
 
     outputs_raw = data.get("outputs")
     outputs = (
-        [o for o in outputs_raw if isinstance(o, str)][:1000]
+        [safe_text(o) for o in outputs_raw[:1000] if isinstance(o, str)]
         if isinstance(outputs_raw, list)
         else []
     )
     timings = data.get("timings")
-    inference = timings.get("inference") if isinstance(timings, dict) else None
-    inference_ms = (
-        int(inference)
-        if isinstance(inference, int | float)
-        and not isinstance(inference, bool)
-        and math.isfinite(inference)
-        and inference >= 0
-        else None
-    )
+    inference = finite_number(timings.get("inference") if isinstance(timings, dict) else None)
+    inference_ms = int(inference) if inference is not None and inference >= 0 else None
     nsfw = data.get("has_nsfw_contents")
     created_raw = text("created_at", 64)
     return Prediction(
@@ -181,6 +177,7 @@ class ApiClient:
     ) -> None:
         self._path = result_path
         self._max_bytes = max_response_bytes
+        self._unexpected_logged: set[str] = set()
         headers = {"User-Agent": user_agent, "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -204,7 +201,22 @@ class ApiClient:
     async def fetch(self, task_id: str, now: float) -> Outcome:
         try:
             url = task_path(self._path, task_id)
+        except ValueError as exc:  # a bad id; the parser should have refused it
+            return Outcome(Kind.NOT_FOUND, reason=f"invalid task id ({exc})")
+        try:
             async with self._client.stream("GET", url) as response:
+                declared = response.headers.get("content-length", "")
+                if (
+                    declared.isascii()
+                    and declared.isdigit()
+                    and (len(declared) > 18 or int(declared) > self._max_bytes)
+                ):
+                    return Outcome(
+                        Kind.TRANSIENT,
+                        response.status_code,
+                        reason=f"body larger than {self._max_bytes} bytes, not read"
+                        f" (Content-Length {declared[:20]})",
+                    )
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
@@ -217,17 +229,25 @@ class ApiClient:
                 return interpret(
                     response.status_code, response.headers.get("retry-after"), bytes(body), now
                 )
-        except httpx.TimeoutException as exc:
-            return Outcome(Kind.TRANSIENT, reason=f"timeout ({type(exc).__name__})")
         except httpx.HTTPError as exc:
-            return Outcome(Kind.TRANSIENT, reason=f"network error ({type(exc).__name__})")
-        except ValueError as exc:  # a bad id; the parser should have refused it
-            return Outcome(Kind.NOT_FOUND, reason=f"invalid task id ({exc})")
+            return Outcome(Kind.TRANSIENT, reason=_network_reason(exc))
         except Exception as exc:  # the transport's own errors must not end the daemon
-            return Outcome(Kind.TRANSIENT, reason=f"client error ({type(exc).__name__})")
+            name = type(exc).__name__
+            if name not in self._unexpected_logged:  # a traceback once per kind, then counts
+                self._unexpected_logged.add(name)
+                log.warning("unexpected error from the HTTP client", error=name, exc_info=exc)
+            return Outcome(Kind.TRANSIENT, reason=f"client error ({name})")
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _network_reason(exc: Exception) -> str:
+    # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: name the cause.
+    name = type(exc.__cause__ or exc).__name__
+    if "Timeout" in name:
+        return f"timeout ({name})"
+    return f"network error ({name})"
 
 
 def _aiohttp_transport(verify_tls: bool, limits: httpx.Limits) -> httpx.AsyncBaseTransport:

@@ -87,6 +87,7 @@ class Bridge:
         self.offsets: OffsetTracker[Partition] = OffsetTracker()
         self.tasks: dict[str, Task] = {}  # being polled
         self.publishing: dict[str, Task] = {}  # terminal, event not yet acknowledged
+        self.parked: dict[str, Task] = {}  # from revoked partitions, until reassignment
         self._deliveries: set[asyncio.Task[None]] = set()
         self._polls: set[asyncio.Task[None]] = set()
         self._requests = 0
@@ -277,6 +278,19 @@ class Bridge:
             self._dead_letter(rec, parsed)
             return
         origin = (rec.topic, rec.partition, rec.offset)
+        now = self.clock.monotonic()
+        parked = self.parked.pop(parsed.task_id, None)
+        if parked is not None:  # back after a rebalance: keep its poll history
+            parked.origins = [origin]
+            self.tasks[parked.task_id] = parked
+            resume = (
+                self.policy.first_poll(parked, now)
+                if parked.last_poll is None
+                else self.policy.next_poll(parked, parked.last_poll)
+            )
+            self.scheduler.schedule(parked.task_id, max(now, resume))
+            self._wake()
+            return
         existing = self.tasks.get(parsed.task_id) or self.publishing.get(parsed.task_id)
         if existing is not None:
             existing.origins.append(origin)
@@ -288,7 +302,7 @@ class Bridge:
                 offset=rec.offset,
             )
             return
-        now, wall = self.clock.monotonic(), self.clock.time()
+        wall = self.clock.time()
         created_wall = min(
             x
             for x in (
@@ -357,40 +371,65 @@ class Bridge:
         self._assigned_once = True
         self.metrics.rebalances.inc()
         self.metrics.assigned_partitions.set(len(assigned))
-        for tp in assigned:
-            part = (tp.topic, tp.partition)
+        mine = {(tp.topic, tp.partition) for tp in assigned}
+        for part in mine:
             self.offsets.drop(part)  # start clean from the committed position
             self._committed.pop(part, None)
+        # Parked tasks of partitions that went elsewhere belong to their new owner now.
+        handed_over = 0
+        for task_id, task in list(self.parked.items()):
+            if not any((t, p) in mine for t, p, _ in task.origins):
+                del self.parked[task_id]
+                handed_over += 1
+        self.metrics.revoked_in_flight.inc(handed_over)
         if self._paused and self._consumer is not None:
             self._consumer.pause(*assigned)
-        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+        log.info(
+            "partitions assigned",
+            partitions=sorted(tp.partition for tp in assigned),
+            kept_parked=len(self.parked),
+            handed_over=handed_over,
+        )
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Stop polling the revoked partitions' tasks; commit what finished before they go."""
+        """Stop polling the revoked partitions' tasks; commit what finished before they go.
+
+        Their tasks are parked, not forgotten: if the same partitions come back (the usual
+        case in an eager rebalance), the re-fetched records revive them with their poll
+        history instead of starting over.
+        """
         gone = {(tp.topic, tp.partition) for tp in revoked}
         if not gone:
             return
-        dropped = 0
         for task in list(self.tasks.values()):
             keep = [o for o in task.origins if (o[0], o[1]) not in gone]
             if len(keep) == len(task.origins):
                 continue
-            task.origins = keep
-            if not keep:
-                self.scheduler.cancel(task.task_id)
-                del self.tasks[task.task_id]
-                dropped += 1
+            if keep:
+                task.origins = keep
+                continue
+            self.scheduler.cancel(task.task_id)
+            del self.tasks[task.task_id]
+            self.parked[task.task_id] = task
         # Events already being produced are worth waiting for: it avoids a duplicate.
         if self._deliveries:
             await asyncio.wait(list(self._deliveries), timeout=5.0)
         await self._commit(only=gone, timeout=5.0)
+        unacked = sum(
+            1
+            for task in self.publishing.values()
+            if any((t, p) in gone for t, p, _ in task.origins)
+        )
+        self.metrics.rebalance_duplicates.inc(unacked)
         for part in gone:
             self.offsets.drop(part)
             self._committed.pop(part, None)
-        self.metrics.revoked_in_flight.inc(dropped)
         self.metrics.in_flight.set(len(self.tasks) + len(self.publishing))
         log.info(
-            "partitions revoked", partitions=sorted(p for _, p in gone), dropped_in_flight=dropped
+            "partitions revoked",
+            partitions=sorted(p for _, p in gone),
+            parked=len(self.parked),
+            unacked_events=unacked,
         )
 
     # --- polling -------------------------------------------------------------------------
@@ -681,9 +720,11 @@ class Bridge:
     async def _health_loop(self) -> None:
         assert self._producer is not None
         interval = self.config.kafka.health_check_interval_s
+        # A probe may take longer than the interval right after the broker comes back.
+        probe_timeout = max(interval, min(10.0, self.config.kafka.request_timeout_ms / 1000))
         while not self._stopping:
             try:
-                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), interval)
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), probe_timeout)
                 ok = True
             except (KafkaError, TimeoutError, OSError):
                 ok = False

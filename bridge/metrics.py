@@ -183,9 +183,14 @@ class Metrics:
         )
         self.rebalances = Counter(f"{p}_rebalances", "Partition assignments received.", registry=r)
         self.revoked_in_flight = Counter(
-            f"{p}_revoked_in_flight_tasks",
-            "In-flight tasks dropped on partition revocation; the new owner polls them again "
-            "(the source of rebalance duplicates).",
+            f"{p}_handed_over_tasks",
+            "In-flight tasks whose partition moved to another member, which polls them again.",
+            registry=r,
+        )
+        self.rebalance_duplicates = Counter(
+            f"{p}_rebalance_duplicate_risk_tasks",
+            "Tasks whose event was still unacknowledged when their partition was revoked: "
+            "the new owner may publish a second event for each.",
             registry=r,
         )
         self.kafka_up = Gauge(

@@ -41,6 +41,7 @@ BEHAVIOURS = (
     "redirect",  # 302 to another host
     "html",  # a proxy's HTML error page with 200
     "html_502",  # a proxy's HTML error page with 502
+    "garbage",  # a broken proxy: an invalid status line echoing the request's credentials
 )
 
 
@@ -110,6 +111,10 @@ class Simulator:
         self.requests = 0
         self.responses: dict[int, int] = {}
         self.record_poll_times = record_poll_times
+        # Where "redirect" points: another host, which must never see a request.
+        self.redirect_base = "http://169.254.169.254"
+        # Bytes of each finished "huge_body" response written before the client went away.
+        self.huge_body_writes: list[int] = []
         self._limiter: TokenBucket | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -299,7 +304,13 @@ class Simulator:
                 content_type="text/html",
             )
         if b == "redirect":
-            raise web.HTTPFound(f"http://169.254.169.254/api/v3/predictions/{task.id}")
+            raise web.HTTPFound(f"{self.redirect_base}/api/v3/predictions/{task.id}")
+        if b == "garbage":
+            auth = request.headers.get("Authorization", "").encode("latin-1", "replace")
+            if request.transport is not None:
+                request.transport.write(b"HTTP/1.1 2x0 proxy error; you sent " + auth + b"\r\n\r\n")
+                request.transport.close()
+            return web.Response()  # never reaches the client: the connection is gone
         if b == "huge_body":
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.content_length = 50 * 1024 * 1024
@@ -401,6 +412,12 @@ class Simulator:
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        server = self._runner.server if self._runner is not None else None
+        if server is not None:  # kept-alive connections must break too
+            for handler in server.connections:
+                handler.force_close()
+                if handler.transport is not None:
+                    handler.transport.close()
         await asyncio.sleep(seconds)
         if self._runner is not None:
             await self._listen()

@@ -1,0 +1,376 @@
+"""Fault injection on the real broker and simulator: rebalances, long tasks, outages, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.broker import LocalBroker
+from bridge.simulator import Simulator
+from tests.helpers import (
+    API_KEY,
+    Names,
+    committed,
+    config_data,
+    create_topics,
+    make_config,
+    metric_value,
+    produce,
+    read_all,
+    running_bridge,
+    scrape,
+    sim_create,
+    spawn_daemon,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _subjects(records: list[object]) -> Counter[str]:
+    return Counter(r.event["subject"] for r in records)  # type: ignore[attr-defined]
+
+
+async def test_rebalance_two_daemons_join_and_leave_while_tasks_flow(
+    broker: LocalBroker, sim: Simulator, names: Names
+) -> None:
+    await create_topics(broker, names, partitions=4)
+    rng = random.Random(5)
+    ids = await sim_create(
+        sim,
+        [
+            {"model": "m", "duration_s": rng.uniform(0.2, 3.0), "outcome": "completed"}
+            for _ in range(1000)
+        ],
+    )
+    config = make_config(broker, sim.base_url, names, polling={"interval_s": 0.5})
+    config_b = make_config(broker, sim.base_url, names, polling={"interval_s": 0.5})
+    async with running_bridge(config) as a:
+        feeding = asyncio.create_task(_feed_slowly(broker, names.input, ids, seconds=6.0))
+        await asyncio.sleep(1.0)
+        async with running_bridge(config_b) as b:  # joins: partitions move to it
+            await asyncio.sleep(4.0)
+            assert b.metrics.assigned_partitions._value.get() > 0
+        # b left: its partitions come back to a
+        await feeding
+        got = await read_all(
+            broker.bootstrap,
+            [names.completed],
+            timeout=60,
+            settle=1.0,
+            until=lambda rs: set(_subjects(rs)) >= set(ids),
+        )
+        text_a = await scrape(a.server.port)
+    counts = _subjects(got)
+    assert set(counts) == set(ids)  # nothing lost
+    duplicates = sum(c - 1 for c in counts.values())
+    risk = metric_value(text_a, "wavespeed_bridge_rebalance_duplicate_risk_tasks_total") + (
+        b.metrics.rebalance_duplicates._value.get()
+    )
+    # Every duplicate is one the bridges counted as at risk when its partition moved.
+    assert duplicates <= risk
+    assert metric_value(text_a, "wavespeed_bridge_rebalances_total") >= 2
+    assert sum(await committed(broker.bootstrap, names.group, names.input, 4)) == 1000
+
+
+async def _feed_slowly(broker: LocalBroker, topic: str, ids: list[str], seconds: float) -> None:
+    chunk = max(1, len(ids) // 20)
+    for i in range(0, len(ids), chunk):
+        await produce(broker.bootstrap, topic, ids[i : i + chunk])
+        await asyncio.sleep(seconds / 20)
+
+
+async def test_long_tasks_do_not_get_the_member_ejected(
+    broker: LocalBroker, sim: Simulator, names: Names
+) -> None:
+    await create_topics(broker, names)
+    ids = await sim_create(
+        sim, [{"model": "m/video", "duration_s": 5.0, "outcome": "completed"} for _ in range(4)]
+    )
+    config = make_config(
+        broker,
+        sim.base_url,
+        names,
+        kafka={"max_poll_interval_ms": 2000},
+        polling={"max_in_flight": 2, "interval_s": 0.5},
+    )
+    async with running_bridge(config) as bridge:
+        await produce(broker.bootstrap, names.input, ids)
+        await asyncio.sleep(1.0)
+        paused = metric_value(await scrape(bridge.server.port), "wavespeed_bridge_consumer_paused")
+        got = await read_all(broker.bootstrap, [names.completed], expect=4, timeout=30)
+        text = await scrape(bridge.server.port)
+    assert paused == 1  # at the cap, fetching paused instead of buffering
+    assert sorted(_subjects(got)) == sorted(ids)
+    # 10 s of tasks against a 2 s max.poll.interval: still one assignment, no rebalance loop.
+    assert metric_value(text, "wavespeed_bridge_rebalances_total") == 1
+
+
+async def test_duplicate_ids_polled_once_each_offset_committed(
+    broker: LocalBroker, sim: Simulator, names: Names
+) -> None:
+    await create_topics(broker, names)
+    config = make_config(broker, sim.base_url, names, polling={"interval_s": 0.5, "jitter": 0})
+    async with running_bridge(config) as bridge:
+        (task,) = await sim_create(sim, [{"model": "m", "duration_s": 2.0, "outcome": "completed"}])
+        await produce(broker.bootstrap, names.input, [task, {"id": task, "metadata": {"n": 2}}])
+        await asyncio.sleep(0.7)
+        await produce(broker.bootstrap, names.input, [task])
+        got = await read_all(broker.bootstrap, [names.completed], expect=1, settle=1.5)
+        text = await scrape(bridge.server.port)
+    assert len(got) == 1  # one event for the three messages
+    records = got[0].event["data"]["input"]["records"]
+    assert [r["offset"] for r in records] == [0, 1, 2]
+    # One poller: ~one poll per 0.5 s over 2 s, not three times that.
+    assert sim.tasks[task].polls <= 6
+    assert metric_value(text, "wavespeed_bridge_duplicate_tasks_total") == 2
+    assert await committed(broker.bootstrap, names.group, names.input) == [3]
+
+
+async def _broker_freeze_scenario(sim: Simulator, tmp: Path) -> dict[str, float]:
+    """A broker of its own frozen with SIGSTOP for 30 s while tasks finish."""
+    names = Names()
+    own = LocalBroker(log_path=tmp / "frozen-broker.log")
+    own.start()
+    try:
+        await own.wait_ready()
+        await create_topics(own, names, partitions=2)
+        ids = await sim_create(
+            sim,
+            [
+                {"model": "m", "duration_s": 1.0 + i * 0.5, "outcome": "completed"}
+                for i in range(20)
+            ],
+        )
+        config = make_config(own, sim.base_url, names, polling={"max_in_flight": 50})
+        async with running_bridge(config) as bridge:
+            await produce(own.bootstrap, names.input, ids)
+            await asyncio.sleep(0.8)
+            own.freeze()
+            polls_at_freeze = sim.requests
+            not_ready = False
+            max_pending = 0.0
+            for _ in range(300):  # 30 s
+                await asyncio.sleep(0.1)
+                not_ready = not_ready or not bridge.readiness()[0]
+                max_pending = max(max_pending, float(len(bridge.publishing)))
+            polls_during = sim.requests - polls_at_freeze
+            finished_in_freeze = len(bridge.publishing)
+            async with httpx.AsyncClient() as client:
+                readyz = await client.get(f"http://127.0.0.1:{bridge.server.port}/readyz")
+            own.thaw()
+            got = await read_all(
+                own.bootstrap,
+                [names.completed],
+                timeout=60,
+                until=lambda rs: set(_subjects(rs)) >= set(ids),
+            )
+            for _ in range(100):
+                if sum(await committed(own.bootstrap, names.group, names.input, 2)) == 20:
+                    break
+                await asyncio.sleep(0.2)
+            ready_after = bridge.readiness()[0]
+        assert set(_subjects(got)) == set(ids)
+        return {
+            "not_ready": float(not_ready),
+            "readyz_status": float(readyz.status_code),
+            "polls_during": float(polls_during),
+            "held": float(finished_in_freeze),
+            "max_pending": max_pending,
+            "committed": float(sum(await committed(own.bootstrap, names.group, names.input, 2))),
+            "ready_after": float(ready_after),
+        }
+    finally:
+        own.stop()
+
+
+async def _api_outage_scenario(broker: LocalBroker, mode: str) -> dict[str, object]:
+    """The API answers 503 (or refuses connections) for 60 s."""
+    names = Names()
+    sim = Simulator(api_key=API_KEY, seed=2)
+    await sim.start()
+    try:
+        await create_topics(broker, names)
+        done_in_outage, normal = await sim_create(
+            sim,
+            [
+                {"model": "m", "duration_s": 10.0, "outcome": "completed"},
+                {"model": "m", "duration_s": 0.5, "outcome": "completed"},
+            ],
+        )
+        (doomed,) = await sim_create(sim, [{"model": "m", "duration_s": 500}])
+        config = make_config(
+            broker, sim.base_url, names, polling={"interval_s": 1.0, "backoff_max_s": 2.0}
+        )
+        async with running_bridge(config) as bridge:
+            await produce(
+                broker.bootstrap,
+                names.input,
+                [
+                    {"id": done_in_outage, "timeout_s": 300},
+                    {"id": normal},
+                    {"id": doomed, "timeout_s": 20},
+                ],
+            )
+            await read_all(broker.bootstrap, [names.completed], expect=1, timeout=10)
+            sim.set_faults(outage_s=60, outage_mode=mode)
+            await asyncio.sleep(5)
+            during = await scrape(bridge.server.port)
+            ready_during = bridge.readiness()[0]
+            await asyncio.sleep(56)
+            got = await read_all(broker.bootstrap, names.outputs, expect=3, timeout=20)
+    finally:
+        await sim.stop()
+    events = {r.event["subject"]: r.event for r in got}
+    return {
+        "events": events,
+        "ids": (done_in_outage, normal, doomed),
+        "api_up_during": metric_value(during, "wavespeed_bridge_api_up"),
+        "errors_during": metric_value(during, "wavespeed_bridge_api_errors_total"),
+        "ready_during": ready_during,
+    }
+
+
+async def test_outages_broker_frozen_30s_and_api_down_60s(
+    broker: LocalBroker, sim: Simulator, tmp_path: Path
+) -> None:
+    # Run concurrently: three independent stacks, one minute of wall time.
+    frozen, down_503, refused = await asyncio.gather(
+        _broker_freeze_scenario(sim, tmp_path),
+        _api_outage_scenario(broker, "503"),
+        _api_outage_scenario(broker, "refuse"),
+    )
+    # Broker frozen: polling went on, readiness dropped, finished events were held (within
+    # the in-flight cap) and everything was published and committed after.
+    assert frozen["not_ready"] == 1 and frozen["readyz_status"] == 503
+    assert frozen["polls_during"] > 0
+    assert 0 < frozen["held"] <= 50 and frozen["max_pending"] <= 50
+    assert frozen["committed"] == 20 and frozen["ready_after"] == 1
+    for outcome in (down_503, refused):
+        done_in_outage, normal, doomed = outcome["ids"]  # type: ignore[misc]
+        events = outcome["events"]
+        assert isinstance(events, dict)
+        assert events[normal]["type"].endswith(".completed")
+        # Completed during the outage: reported completed once the API is back.
+        assert events[done_in_outage]["type"].endswith(".completed")
+        # The deadline genuinely passed during the outage: a timeout that says why.
+        assert events[doomed]["type"].endswith(".timeout")
+        assert "deadline of 20s passed; last poll:" in events[doomed]["data"]["error"]
+        assert outcome["api_up_during"] == 0 and outcome["errors_during"] > 0  # type: ignore[operator]
+        assert outcome["ready_during"] is True  # documented: API outages do not unready
+    assert "HTTP 503" in down_503["events"][down_503["ids"][2]]["data"]["error"]  # type: ignore[index]
+    assert "network error" in refused["events"][refused["ids"][2]]["data"]["error"]  # type: ignore[index]
+
+
+async def test_broker_restart_reconnects_without_restarting_the_daemon(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    names = Names()
+    own = LocalBroker(log_path=tmp_path / "restart-broker.log")
+    own.start()
+    try:
+        await own.wait_ready()
+        await create_topics(own, names)
+        config = make_config(own, sim.base_url, names)
+        async with running_bridge(config) as bridge:
+            # Nothing is consumed before the restart on purpose: Tansu keeps its log in
+            # memory, so the recreated topic starts again at offset 0 while the client may
+            # still hold its old fetch position; real Kafka keeps the log, so that cannot occur.
+            own.stop()
+            await asyncio.sleep(2)
+            assert not bridge.readiness()[0]
+            own.start()
+            await own.wait_ready()
+            await create_topics(own, names)
+            tasks = await sim_create(
+                sim, [{"model": "m", "duration_s": 0.1, "outcome": "completed"} for _ in range(3)]
+            )
+            await produce(own.bootstrap, names.input, tasks)
+            got = await read_all(
+                own.bootstrap,
+                [names.completed],
+                timeout=60,
+                until=lambda rs: set(_subjects(rs)) >= set(tasks),
+            )
+            assert set(_subjects(got)) == set(tasks)
+            for _ in range(50):
+                if bridge.readiness()[0]:
+                    break
+                await asyncio.sleep(0.2)
+            assert bridge.readiness()[0]
+    finally:
+        own.stop()
+
+
+async def test_five_sigkills_with_1000_tasks_in_flight(
+    broker: LocalBroker, sim: Simulator, names: Names, tmp_path: Path
+) -> None:
+    parts = 4
+    await create_topics(broker, names, partitions=parts)
+    rng = random.Random(9)
+    ids = await sim_create(
+        sim,
+        [
+            {"model": "m", "duration_s": rng.uniform(1.0, 12.0), "outcome": "completed"}
+            for _ in range(1000)
+        ],
+    )
+    config = config_data(broker, sim.base_url, names, polling={"interval_s": 2.0})
+    # ids[i] goes to partition i % parts at offset i // parts: offsets map back to ids.
+    for p in range(parts):
+        await produce(broker.bootstrap, names.input, ids[p::parts], partition=p)
+    uncommitted_at_kills = 0
+    log = tmp_path / "daemon.log"
+    before = _assignments(log)
+    daemon = spawn_daemon(config, tmp_path)
+    try:
+        for _kill in range(5):
+            await _wait_assigned(log, before)
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait(5)
+            # The daemon is dead: what is committed now can only grow from here.
+            positions = await committed(broker.bootstrap, names.group, names.input, parts)
+            everything = await read_all(
+                broker.bootstrap, [names.completed], timeout=3.0, until=lambda _: False
+            )
+            seen = set(_subjects(everything))
+            for p, pos in enumerate(positions):
+                behind = ids[p::parts][:pos]
+                # No offset is committed ahead of its event.
+                assert set(behind) <= seen, f"partition {p} committed past an unpublished task"
+            uncommitted_at_kills += 1000 - sum(positions)
+            before = _assignments(log)
+            daemon = spawn_daemon(config, tmp_path)
+        got = await read_all(
+            broker.bootstrap,
+            [names.completed],
+            timeout=90,
+            settle=1.0,
+            until=lambda rs: set(_subjects(rs)) >= set(ids),
+        )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(20)
+    counts = _subjects(got)
+    assert set(counts) == set(ids)
+    duplicates = sum(c - 1 for c in counts.values())
+    assert duplicates <= uncommitted_at_kills
+    assert sum(await committed(broker.bootstrap, names.group, names.input, parts)) == 1000
+
+
+def _assignments(log: Path) -> int:
+    return log.read_text().count('"partitions assigned"') if log.exists() else 0
+
+
+async def _wait_assigned(log: Path, before: int) -> None:
+    for _ in range(300):
+        if _assignments(log) > before:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("daemon never got its partitions")
