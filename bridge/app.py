@@ -110,6 +110,9 @@ class Bridge:
         )
         self._last_loop_tick = time.monotonic()
         self._budget_wait_seen = 0.0
+        self._started_polls = 0  # for budget utilisation
+        self._polls_seen = 0
+        self._gauges_at = self.clock.monotonic()
 
     # --- health -------------------------------------------------------------------------
 
@@ -467,6 +470,7 @@ class Bridge:
                 if task is None:
                     continue
                 self._requests += 1
+                self._started_polls += 1
                 poll = asyncio.create_task(self._poll(task, now))
                 self._polls.add(poll)
                 poll.add_done_callback(self._polls.discard)
@@ -704,6 +708,12 @@ class Bridge:
         m.due.set(self.scheduler.ready_count(self.clock.monotonic()))
         m.budget_wait.inc(max(0.0, self.scheduler.budget_wait_s - self._budget_wait_seen))
         self._budget_wait_seen = self.scheduler.budget_wait_s
+        now = self.clock.monotonic()
+        budget = self.scheduler.budget
+        if budget is not None and now > self._gauges_at:
+            allowed = budget.rate * (now - self._gauges_at)
+            m.budget_utilization.set(min(1.0, (self._started_polls - self._polls_seen) / allowed))
+        self._gauges_at, self._polls_seen = now, self._started_polls
         if consumer is None:
             return
         lag = 0

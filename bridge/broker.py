@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import logging
 import os
 import signal
 import socket
@@ -33,6 +34,16 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+class _QuietAiokafka:
+    def __enter__(self) -> None:
+        self._logger = logging.getLogger("aiokafka")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.setLevel(self._level)
 
 
 class LocalBroker:
@@ -72,6 +83,11 @@ class LocalBroker:
         """Until a Metadata request succeeds (the broker itself is up in milliseconds)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        quiet = _QuietAiokafka()  # "Unable connect" while it boots is expected, not news
+        with quiet:
+            await self._wait(loop, deadline)
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         while True:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.process.returncode}")

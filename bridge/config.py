@@ -114,6 +114,8 @@ class PollingConfig:
     # Adaptive policy: weight of one poll against one second of detection delay.
     poll_cost_s: float = 0.5
     learning_window: int = 200
+    # Adaptive policy: models learned at once; the least recently used is forgotten.
+    max_models: int = 1000
     model_classes: tuple[ModelClass, ...] = field(default_factory=_default_model_classes)
     max_model_labels: int = 200
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from bridge.api import Prediction
+from bridge.messages import safe_text
 
 EventType = Literal["completed", "failed", "timeout"]
 TYPE_PREFIX = "ai.wavespeed.prediction."
@@ -30,10 +32,26 @@ class OutputRecord:
     headers: list[tuple[str, bytes]]
 
 
+# The range RFC 3339 (four-digit years) and ``datetime`` can write.
+_FIRST_UNIX = 0.0
+_LAST_UNIX = 253402300799.999
+_MAX_DEPTH = 64
+
+
 def rfc3339(unix: float) -> str:
+    """Unix seconds as ``2024-01-01T12:00:00.000Z``; clamped to 1970..9999 (NaN: the epoch)."""
+    if not _FIRST_UNIX <= unix <= _LAST_UNIX:  # also true for NaN
+        unix = _LAST_UNIX if unix > _LAST_UNIX else _FIRST_UNIX
     return (
         datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     )
+
+
+def _rfc3339_or_none(unix: float | None) -> str | None:
+    """A time that came from outside (input or API): None unless it is a plausible one."""
+    if unix is None or not _FIRST_UNIX < unix <= _LAST_UNIX:
+        return None
+    return rfc3339(unix)
 
 
 def _text_or_b64(raw: bytes | None) -> dict[str, str] | None:
@@ -71,7 +89,7 @@ def build_event(
         "error": None if kind == "completed" else (p.error or reason or kind),
         "inference_time_s": p.inference_ms / 1000.0 if p.inference_ms is not None else None,
         "has_nsfw_contents": p.has_nsfw_contents,
-        "created_at": p.created_at_raw or (rfc3339(created_at) if created_at else None),
+        "created_at": p.created_at_raw or _rfc3339_or_none(created_at),
         "observed_at": rfc3339(observed_at),
         "polls": polls,
         "metadata": metadata,
@@ -93,7 +111,31 @@ def build_event(
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Strict JSON (RFC 8259) in UTF-8, whatever the values: an event that cannot be written
+    would strand its task. Lone surrogates become U+FFFD, NaN and infinities null, and
+    nesting past a limit a marker string; the fast path pays for none of that."""
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        text = json.dumps(
+            _strict(obj, 0), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return text.encode("utf-8")
+
+
+def _strict(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict | list | tuple) and depth >= _MAX_DEPTH:
+        return "[nested too deep]"
+    if isinstance(value, dict):
+        return {safe_text(str(k)): _strict(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v, depth + 1) for v in value]
+    return value
 
 
 def event_record(
@@ -123,7 +165,11 @@ def dead_letter_record(
 
     A value over ``max_value_bytes`` (the oversize case) keeps its first ``max_value_bytes``
     and says so in ``dlq.value_truncated``: the record must still fit the producer's limit.
+    A record with neither key nor value (legal in Kafka) gets an empty key: aiokafka's
+    producer refuses to send one with neither, which would strand the input's offset.
     """
+    if key is None and value is None:
+        key = b""
     extra = [
         ("dlq.reason", reason.encode()),
         ("dlq.detail", detail.encode("utf-8", "replace")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
@@ -80,6 +81,19 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # An exception nobody caught would otherwise be printed raw by Python's default hook.
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    structlog.get_logger("wavespeed_bridge").critical(
+        "uncaught exception", exc_info=(exc_type, exc, tb)
+    )
 
 
 class _ScrubFilter(logging.Filter):

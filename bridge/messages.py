@@ -64,12 +64,41 @@ def task_path(template: str, task_id: str) -> str:
     return template.replace("{id}", quote(task_id, safe=""))
 
 
-def parse_timestamp(value: Any) -> float | None:
-    """ISO-8601 (``2024-01-01T12:00:00.000Z``) or unix seconds → unix seconds, else None."""
-    if isinstance(value, bool):
+# What RFC 3339 can write: after the epoch, before the year 10000.
+_LAST_UNIX = 253402300799.999
+_MAX_METADATA_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float; None for bools, non-numbers, NaN, infinities and ints too
+    large for a float (JSON allows ``1`` followed by 4000 zeros)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def safe_text(text: str) -> str:
+    """``text`` with lone surrogates (a JSON ``"\\ud800"`` escape decodes to one) replaced by
+    U+FFFD, so that it can be encoded as UTF-8."""
+    if text.isascii():
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """ISO-8601 (``2024-01-01T12:00:00.000Z``) or unix seconds → unix seconds, else None.
+
+    Only times after the epoch and before the year 10000 count: anything else is garbage, and
+    could not be written back as RFC 3339.
+    """
     if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) and value > 0 else None
+        number = finite_number(value)
+        return number if number is not None and 0 < number <= _LAST_UNIX else None
     if not isinstance(value, str) or not value or len(value) > 64:
         return None
     text = value.strip()
@@ -81,7 +110,37 @@ def parse_timestamp(value: Any) -> float | None:
         return None
     if parsed.tzinfo is None:
         return None  # WaveSpeed always sends UTC with a zone; refuse to guess
-    return parsed.timestamp()
+    try:
+        unix = parsed.timestamp()
+    except (OverflowError, ValueError):
+        return None
+    return unix if 0 < unix <= _LAST_UNIX else None
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` (decoded JSON) could not be written back as strict JSON, or None.
+
+    Python's decoder accepts ``NaN``/``Infinity`` and lone surrogate escapes; neither can go
+    into an event that consumers in other languages must read. Deep nesting is refused too:
+    the event puts the value a few levels deeper than it arrived.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_METADATA_DEPTH:
+            return f"nested deeper than {_MAX_METADATA_DEPTH} levels"
+        if isinstance(item, str):
+            if safe_text(item) != item:
+                return "contains a lone surrogate escape"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "contains NaN or Infinity"
+        elif isinstance(item, dict):
+            stack.extend((k, depth) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return None
 
 
 def parse_task(
@@ -131,25 +190,27 @@ def _parse_json(text: str, max_timeout_s: float) -> TaskRequest | Rejected:
     if problem := _check_id(task_id):
         return problem
     model = obj.get("model")
-    if model is not None and (not isinstance(model, str) or len(model) > _MAX_MODEL_LENGTH):
+    if model is not None and (
+        not isinstance(model, str) or len(model) > _MAX_MODEL_LENGTH or safe_text(model) != model
+    ):
         return Rejected(
-            "invalid_field", f"'model' must be a string of at most {_MAX_MODEL_LENGTH} characters"
+            "invalid_field",
+            f"'model' must be a string of at most {_MAX_MODEL_LENGTH} characters"
+            " (no lone surrogates)",
         )
-    timeout = obj.get("timeout_s")
-    if timeout is not None:
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or not 0 < timeout <= max_timeout_s
-        ):
+    raw_timeout = obj.get("timeout_s")
+    timeout = None
+    if raw_timeout is not None:
+        timeout = finite_number(raw_timeout)
+        if timeout is None or not 0 < timeout <= max_timeout_s:
             return Rejected(
                 "invalid_field", f"'timeout_s' must be a number in (0, {max_timeout_s}]"
             )
-        timeout = float(timeout)
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         return Rejected("invalid_field", "'metadata' must be an object")
+    if metadata is not None and (why := _json_problem(metadata)):
+        return Rejected("invalid_field", f"'metadata' {why}")
     return TaskRequest(
         task_id=task_id,
         model=model or None,

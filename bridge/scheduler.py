@@ -40,7 +40,8 @@ class TokenBucket:
 
     def available(self, now: float) -> int:
         self._refill(now)
-        return int(self._tokens)
+        # The epsilon keeps float rounding from leaving a token at 0.9999999 forever.
+        return int(self._tokens + 1e-9)
 
     def take(self, n: int, now: float) -> None:
         self._refill(now)
@@ -49,7 +50,13 @@ class TokenBucket:
     def time_until(self, n: int, now: float) -> float:
         self._refill(now)
         missing = n - self._tokens
-        return 0.0 if missing <= 0 else missing / self.rate
+        held = max(0.0, self._last - now)  # drained until a future time
+        return held if missing <= 1e-9 else held + missing / self.rate
+
+    def drain_until(self, until: float) -> None:
+        """No tokens until ``until``, then refill from empty: a pause ends with a trickle."""
+        self._tokens = min(self._tokens, 0.0)
+        self._last = max(self._last, until)
 
 
 class Scheduler(Generic[K]):
@@ -67,7 +74,8 @@ class Scheduler(Generic[K]):
         self._in_ready: set[K] = set()
         self._seq = itertools.count()
         self.paused_until = float("-inf")
-        self.budget_wait_s = 0.0  # time the ready pool waited on the budget alone
+        self.budget_wait_s = 0.0  # time during which due polls waited on the budget alone
+        self.taken = 0  # keys handed out by take(): requests spent, for budget utilisation
         self._budget_wait_since: float | None = None
 
     def __len__(self) -> int:
@@ -87,7 +95,15 @@ class Scheduler(Generic[K]):
         self._in_ready.discard(key)
 
     def pause_until(self, until: float) -> None:
-        self.paused_until = max(self.paused_until, until)
+        """Hold every poll until ``until`` (a 429's Retry-After, an auth failure).
+
+        The budget restarts empty then, so polling resumes at the budget's rate instead of
+        with a burst of everything that fell due during the pause.
+        """
+        if until > self.paused_until:
+            self.paused_until = until
+            if self.budget is not None:
+                self.budget.drain_until(until)
 
     def ready_count(self, now: float) -> int:
         self._promote(now)
@@ -107,18 +123,13 @@ class Scheduler(Generic[K]):
     def take(self, now: float, limit: int) -> list[K]:
         """Up to ``limit`` due keys, best first, within the budget and outside a pause."""
         self._promote(now)
+        if self._budget_wait_since is not None:
+            self.budget_wait_s += max(0.0, now - self._budget_wait_since)
+            self._budget_wait_since = None
         if not self._in_ready or limit <= 0 or now < self.paused_until:
             return []
-        n = min(limit, len(self._in_ready))
-        if self.budget is not None:
-            n = min(n, self.budget.available(now))
-            if n == 0:
-                if self._budget_wait_since is None:
-                    self._budget_wait_since = now
-                return []
-        if self._budget_wait_since is not None:
-            self.budget_wait_s += now - self._budget_wait_since
-            self._budget_wait_since = None
+        want = min(limit, len(self._in_ready))
+        n = want if self.budget is None else min(want, self.budget.available(now))
         out: list[K] = []
         ready, in_ready = self._ready, self._in_ready
         while ready and len(out) < n:
@@ -128,6 +139,9 @@ class Scheduler(Generic[K]):
                 out.append(key)
         if self.budget is not None and out:
             self.budget.take(len(out), now)
+        if n < want:  # due polls held back by the budget alone, from now until the next take
+            self._budget_wait_since = now
+        self.taken += len(out)
         return out
 
     def next_wakeup(self, now: float) -> float | None:

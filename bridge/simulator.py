@@ -42,6 +42,7 @@ BEHAVIOURS = (
     "html",  # a proxy's HTML error page with 200
     "html_502",  # a proxy's HTML error page with 502
     "garbage",  # a broken proxy: an invalid status line echoing the request's credentials
+    "huge_chunked",  # 50 MB like huge_body, but chunked: no Content-Length to refuse it by
 )
 
 
@@ -311,22 +312,32 @@ class Simulator:
                 request.transport.write(b"HTTP/1.1 2x0 proxy error; you sent " + auth + b"\r\n\r\n")
                 request.transport.close()
             return web.Response()  # never reaches the client: the connection is gone
-        if b == "huge_body":
+        if b in ("huge_body", "huge_chunked"):
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-            resp.content_length = 50 * 1024 * 1024
+            if b == "huge_body":
+                resp.content_length = 50 * 1024 * 1024
+            else:
+                resp.enable_chunked_encoding()
             await resp.prepare(request)
             chunk = b" " * 65536
+            written = 0
             try:
                 for _ in range(50 * 16):
                     await resp.write(chunk)
+                    written += len(chunk)
             except (ConnectionError, RuntimeError):
                 pass  # the client stopped reading, as it should
+            finally:
+                self.huge_body_writes.append(written)
             return resp
-        # stall: headers, then silence until the client gives up
+        # stall: headers, then silence until the client gives up (or an hour passes)
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.content_length = 1000
         await resp.prepare(request)
-        await asyncio.sleep(3600)
+        for _ in range(36_000):
+            if request.transport is None or request.transport.is_closing():
+                break  # gone: do not hold the server's shutdown for the rest of the hour
+            await asyncio.sleep(0.1)
         return resp
 
     async def _submit(self, request: web.Request) -> web.StreamResponse:

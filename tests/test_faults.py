@@ -6,6 +6,7 @@ import asyncio
 import random
 import signal
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from bridge.simulator import Simulator
 from tests.helpers import (
     API_KEY,
     Names,
+    Received,
     committed,
     config_data,
     create_topics,
@@ -32,8 +34,8 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration
 
 
-def _subjects(records: list[object]) -> Counter[str]:
-    return Counter(r.event["subject"] for r in records)  # type: ignore[attr-defined]
+def _subjects(records: Sequence[Received]) -> Counter[str]:
+    return Counter(r.event["subject"] for r in records)
 
 
 async def test_rebalance_two_daemons_join_and_leave_while_tasks_flow(
@@ -252,7 +254,9 @@ async def test_outages_broker_frozen_30s_and_api_down_60s(
     assert 0 < frozen["held"] <= 50 and frozen["max_pending"] <= 50
     assert frozen["committed"] == 20 and frozen["ready_after"] == 1
     for outcome in (down_503, refused):
-        done_in_outage, normal, doomed = outcome["ids"]  # type: ignore[misc]
+        ids = outcome["ids"]
+        assert isinstance(ids, list)
+        done_in_outage, normal, doomed = ids
         events = outcome["events"]
         assert isinstance(events, dict)
         assert events[normal]["type"].endswith(".completed")
