@@ -255,7 +255,7 @@ async def test_outages_broker_frozen_30s_and_api_down_60s(
     assert frozen["committed"] == 20 and frozen["ready_after"] == 1
     for outcome in (down_503, refused):
         ids = outcome["ids"]
-        assert isinstance(ids, list)
+        assert isinstance(ids, (list, tuple))
         done_in_outage, normal, doomed = ids
         events = outcome["events"]
         assert isinstance(events, dict)
