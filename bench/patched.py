@@ -126,7 +126,7 @@ def _patch_publisher() -> None:
         publisher.put(record, on_ack, done)
         self.metrics.events_pending.set(len(self._deliveries))
 
-    Bridge._deliver = _deliver  # type: ignore[method-assign]
+    Bridge._deliver = _deliver  # type: ignore[method-assign,assignment]
 
 
 def _patch_quiet() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from bridge import __version__
 from bridge import events as ev
@@ -246,10 +246,48 @@ class Bridge:
             self._set_paused(room <= 0)
             # getmany is called even while paused: it keeps this member inside
             # max.poll.interval.ms however long tasks take.
-            batch = await consumer.getmany(timeout_ms=200, max_records=max(1, min(batch_cap, room)))
+            try:
+                batch = await consumer.getmany(
+                    timeout_ms=200, max_records=max(1, min(batch_cap, room))
+                )
+            except UnicodeDecodeError:  # aiokafka decodes header keys strictly
+                await self._skip_undecodable(batch_cap)
+                continue
             for _tp, messages in batch.items():
                 for msg in messages:
                     self._on_record(kafka_io.to_record(msg))
+
+    async def _skip_undecodable(self, limit: int) -> None:
+        """A record aiokafka cannot decode fails every getmany() of its partition, good
+        records fetched with it included. Read each partition one record at a time up to
+        the bad one (its offset is then the position), dead-letter it and seek past it."""
+        consumer = self._consumer
+        assert consumer is not None
+        for tp in sorted(consumer.assignment()):
+            for _ in range(limit):
+                try:
+                    got = await consumer.getmany(tp, timeout_ms=50, max_records=1)
+                except UnicodeDecodeError as exc:
+                    offset = await consumer.position(tp)
+                    rec = Record(tp.topic, tp.partition, offset, None, None, (), None)
+                    with contextlib.suppress(ValueError):
+                        self.offsets.add((tp.topic, tp.partition), offset)
+                        self._dead_letter(
+                            rec,
+                            Rejected(
+                                "undecodable",
+                                f"the Kafka client cannot decode this record ({exc.reason}"
+                                f" at byte {exc.start} of a header name); key, value and"
+                                " headers are not available",
+                            ),
+                        )
+                    consumer.seek(tp, offset + 1)
+                    break
+                if not got:
+                    break
+                for messages in got.values():
+                    for msg in messages:
+                        self._on_record(kafka_io.to_record(msg))
 
     def _set_paused(self, pause: bool) -> None:
         consumer = self._consumer
@@ -294,7 +332,8 @@ class Bridge:
             self.scheduler.schedule(parked.task_id, max(now, resume))
             self._wake()
             return
-        existing = self.tasks.get(parsed.task_id) or self.publishing.get(parsed.task_id)
+        # Only a task still being polled can take it: an event already built cannot list it.
+        existing = self.tasks.get(parsed.task_id)
         if existing is not None:
             existing.origins.append(origin)
             self.metrics.duplicates.inc()
@@ -366,7 +405,21 @@ class Bridge:
             self.metrics.dead_letters.labels(why.reason).inc()
             self.metrics.published.labels("dead_letter").inc()
 
-        self._deliver(record, on_ack)
+        def reduced() -> ev.OutputRecord:
+            return ev.dead_letter_record(
+                topic=self.config.kafka.dead_letter_topic,
+                source_topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=None,
+                value=None,
+                headers=(),
+                reason=why.reason,
+                detail=why.detail,
+                max_value_bytes=0,
+            )
+
+        self._deliver(record, on_ack, reduced)
 
     # --- rebalancing ----------------------------------------------------------------------
 
@@ -611,6 +664,16 @@ class Bridge:
             "timeout": cfg.kafka.timeout_topic or cfg.kafka.failed_topic,
         }[kind]
         record = ev.event_record(topic, event, task.headers)
+
+        def reduced() -> ev.OutputRecord:
+            # Too large for the producer: the same event without what came from the input.
+            data = {
+                **event["data"],
+                "metadata": None,
+                "input": {**event["data"]["input"], "key": None},
+            }
+            return ev.event_record(topic, {**event, "data": data}, ())
+
         log.info(
             "task finished",
             task_id=task.task_id,
@@ -626,7 +689,8 @@ class Bridge:
 
         def on_ack() -> None:
             m = self.metrics
-            self.publishing.pop(task.task_id, None)
+            if self.publishing.get(task.task_id) is task:
+                del self.publishing[task.task_id]
             for topic_, partition, offset in task.origins:
                 self.offsets.done((topic_, partition), offset)
             m.finished.labels(model, kind).inc()
@@ -643,15 +707,25 @@ class Bridge:
             if kind != "timeout" and task.last_pending_poll is not None:
                 m.detection_delay.labels(model).observe(now - task.last_pending_poll)
 
-        self._deliver(record, on_ack)
+        self._deliver(record, on_ack, reduced)
 
-    def _deliver(self, record: ev.OutputRecord, on_ack: Callable[[], None]) -> None:
-        delivery = asyncio.create_task(self._send_until_acked(record, on_ack))
+    def _deliver(
+        self,
+        record: ev.OutputRecord,
+        on_ack: Callable[[], None],
+        reduced: Callable[[], ev.OutputRecord] | None = None,
+    ) -> None:
+        delivery = asyncio.create_task(self._send_until_acked(record, on_ack, reduced))
         self._deliveries.add(delivery)
         delivery.add_done_callback(self._deliveries.discard)
         self.metrics.events_pending.set(len(self._deliveries))
 
-    async def _send_until_acked(self, record: ev.OutputRecord, on_ack: Callable[[], None]) -> None:
+    async def _send_until_acked(
+        self,
+        record: ev.OutputRecord,
+        on_ack: Callable[[], None],
+        reduced: Callable[[], ev.OutputRecord] | None = None,
+    ) -> None:
         """Retry until the broker acknowledges; the in-flight cap bounds what waits here."""
         assert self._producer is not None
         attempt = 0
@@ -659,6 +733,14 @@ class Bridge:
             try:
                 await kafka_io.send(self._producer, record)
                 break
+            except MessageSizeTooLargeError:  # not retriable: it will never fit
+                self.metrics.publish_failures.inc()
+                log.error(
+                    "record too large to publish", topic=record.topic, reduced=reduced is not None
+                )
+                if reduced is None:
+                    break  # given up; the offset moves on rather than block the partition
+                record, reduced = reduced(), None
             except KafkaError as exc:
                 attempt += 1
                 self.metrics.publish_failures.inc()

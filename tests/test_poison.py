@@ -605,13 +605,6 @@ async def _outputs_or_dead_bridge(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="app._consume_loop: aiokafka raises UnicodeDecodeError from getmany() for a record"
-    " whose header key is not UTF-8, on every call; the loop dies and the bridge stops."
-    " Fix in app.py (see report): isolate the record, dead-letter it as 'undecodable', seek"
-    " past it.",
-)
 async def test_record_with_non_utf8_header_key_is_dead_lettered(
     broker: LocalBroker, sim: Simulator, names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -634,12 +627,6 @@ async def test_record_with_non_utf8_header_key_is_dead_lettered(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="app._send_until_acked retries MessageSizeTooLargeError forever: the event is never"
-    " published, its offset never committed, and every later offset of the partition is held"
-    " back. Fix in app.py (see report): not retriable; publish a reduced event or dead-letter.",
-)
 async def test_event_too_large_for_the_producer_does_not_stall(
     broker: LocalBroker, sim: Simulator, names: Names
 ) -> None:
@@ -667,12 +654,6 @@ async def test_event_too_large_for_the_producer_does_not_stall(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="app._on_record joins a duplicate id to the task in self.publishing, whose event is"
-    " already built: the duplicate's offset is committed with that event but listed in no"
-    " event's data.input.records. Fix in app.py (see report): join only tasks still polled.",
-)
 async def test_duplicate_arriving_while_the_event_is_acknowledged_is_accounted(
     broker: LocalBroker, sim: Simulator, names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
