@@ -257,22 +257,33 @@ def _build(cls: Any, data: Mapping[str, Any], prefix: str, problems: list[str]) 
 # --- environment overrides ----------------------------------------------------------------
 
 
+# Read by the CLI as the config file path, not an override.
+ENV_NOT_OVERRIDES = frozenset({"BRIDGE_CONFIG"})
+
+
 def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
     """``BRIDGE_KAFKA__BOOTSTRAP_SERVERS=x`` sets ``kafka.bootstrap_servers``.
 
-    Values are parsed as YAML scalars so ``8080`` is an integer and ``true`` a boolean.
+    A string setting takes the value verbatim (a password ``123456`` stays a string); any
+    other is parsed as a YAML scalar, so ``8080`` is an integer and ``true`` a boolean.
     """
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_OVERRIDES:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
         if not all(path):
             problems.append(f"{name}: malformed override name")
             continue
-        try:
-            value = yaml.safe_load(env[name]) if env[name] != "" else None
-        except yaml.YAMLError:
-            value = env[name]
+        raw = env[name]
+        if raw == "":
+            value: Any = None
+        elif _is_text_setting(path):
+            value = raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -282,6 +293,22 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]
             node = child
         else:
             node[path[-1]] = value
+
+
+def _is_text_setting(path: list[str]) -> bool:
+    """Whether the setting at ``path`` is a string (or optional string) field."""
+    cls: Any = Config
+    for i, part in enumerate(path):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return False
+        if i == len(path) - 1:
+            args = set(typing.get_args(hint)) - {type(None)}
+            return hint is str or (isinstance(hint, types.UnionType) and args == {str})
+        cls = hint
+    return False
 
 
 # --- semantic checks ----------------------------------------------------------------------

@@ -12,6 +12,30 @@ _POLL_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 200, 500)
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DELAY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
 
+# Label values known in advance (see app and messages), exported at zero from the start.
+API_ERROR_KINDS = (
+    "auth",
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "network",
+    "redirect",
+    "oversize_body",
+    "bad_response",
+    "unknown_status",
+)
+PAUSE_REASONS = ("rate_limited", "auth", "retry_after")
+DEAD_LETTER_REASONS = (
+    "empty",
+    "oversize",
+    "not_utf8",
+    "invalid_id",
+    "invalid_json",
+    "missing_id",
+    "invalid_field",
+    "undecodable",
+)
+
 
 class ModelLabels:
     """Caps distinct ``model`` label values: model names come from untrusted input."""
@@ -197,3 +221,17 @@ class Metrics:
             f"{p}_kafka_up", "1 if the last broker health check succeeded.", registry=r
         )
         self.ready = Gauge(f"{p}_ready", "1 when /readyz reports ready.", registry=r)
+        self._zero_known_labels()
+
+    def _zero_known_labels(self) -> None:
+        """Export every known series at 0, so rate() and alerts see the first increment."""
+        for status in ("2xx", "3xx", "4xx", "5xx", "error"):
+            self.api_responses.labels(status)
+        for kind in API_ERROR_KINDS:
+            self.api_errors.labels(kind)
+        for reason in PAUSE_REASONS:
+            self.paused_seconds.labels(reason)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason)
+        for kind in ("completed", "failed", "timeout", "dead_letter"):
+            self.published.labels(kind)

@@ -83,6 +83,21 @@ def test_env_overrides_every_key_with_yaml_typing() -> None:
     assert config.kafka.timeout_topic is None
 
 
+def test_env_string_settings_stay_strings_and_bridge_config_is_not_an_override() -> None:
+    config = build_config(
+        {"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}},
+        {
+            "BRIDGE_CONFIG": "/etc/wavespeed-bridge/bridge.yaml",
+            "BRIDGE_KAFKA__SASL_USERNAME": "007",
+            "BRIDGE_KAFKA__SASL_PASSWORD": "123456",
+            "BRIDGE_KAFKA__CLIENT_ID": "true",
+        },
+    )
+    assert config.kafka.sasl_username == "007"
+    assert config.kafka.sasl_password == "123456"
+    assert config.kafka.client_id == "true"
+
+
 def test_env_override_errors_name_the_key() -> None:
     assert problems({}, {"BRIDGE_KAFKA__NOPE": "1"}) == ["kafka.nope: unknown key"]
     assert problems({}, {"BRIDGE_SERVER__PORT": "eighty"}) == [

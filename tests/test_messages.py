@@ -3,8 +3,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from prometheus_client import generate_latest
 
 from bridge.messages import Rejected, TaskRequest, parse_task, parse_timestamp, task_path
+from bridge.metrics import DEAD_LETTER_REASONS, Metrics
 
 
 def parse(value: bytes | None) -> TaskRequest | Rejected:
@@ -101,3 +103,26 @@ def test_parse_timestamp() -> None:
     assert parse_timestamp(1704110400) == 1704110400.0
     for bad in ("2024-01-01T12:00:00", "yesterday", "", True, None, float("nan"), -5, [1]):
         assert parse_timestamp(bad) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        b"",
+        b"\xff\xfe",
+        b"x" * 5000,
+        b"../balance",
+        b"{not json",
+        b"[1]",
+        b'{"model": "m"}',
+        b'{"id": "a", "metadata": 3}',
+        b'{"id": "a", "timeout_s": -1}',
+    ],
+)
+def test_every_rejection_reason_is_exported_from_the_start(value: bytes | None) -> None:
+    rejected = parse_task(value, max_bytes=4096, max_timeout_s=600)
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason in DEAD_LETTER_REASONS
+    exposition = generate_latest(Metrics().registry).decode()
+    assert f'wavespeed_bridge_dead_letters_total{{reason="{rejected.reason}"}} 0.0' in exposition
