@@ -20,8 +20,7 @@ runs every poller under test pinned to core 0 (``taskset -c 0``), and in one run
 4. memory: RSS per in-flight task at 10,000 and 100,000 tasks in flight.
 
 ``--policy adaptive`` runs the same with the adaptive policy (lateness then needs the
-bridge's ``poll_lateness_seconds`` histogram, used when present). ``--patches`` runs the
-bridge under ``bench.patched`` prototypes, to measure a proposed change before making it.
+bridge's ``poll_lateness_seconds`` histogram).
 
 Writes ``bench/results/throughput.md`` and ``throughput.png`` (``--no-write``: print the
 markdown instead); working files (configs, logs, raw profiles, ``results.json``) go to a
@@ -114,11 +113,10 @@ class Settings:
     memory_sizes: tuple[int, ...] = (10_000, 100_000)
     bare_clients: tuple[str, ...] = (
         "aiohttp",
-        "httpx-aiohttp",
         "bridge-api",
+        "httpx-aiohttp",
+        "bridge-api-httpx",
         "httpx",
-        "proto-httpx-transport",
-        "proto-native",
     )
     bare_seconds: float = 6.0
     sustained_warmup_s: float = 5.0
@@ -129,7 +127,6 @@ class Settings:
     concurrent_seconds: float = 40.0
     naive_concurrent_seconds: float = 30.0
     phases: tuple[str, ...] = ("ceilings", "sustained", "naive", "concurrent", "memory")
-    patches: tuple[str, ...] = ()  # bench.patched prototypes; () is the bridge as it is
     seed: int = 6
 
 
@@ -374,9 +371,7 @@ async def event_stream(bootstrap: str, topics: list[str]) -> AsyncIterator[AIOKa
 class BridgeProc:
     """``taskset -c 0 python -m bridge run --config X.yaml``."""
 
-    def __init__(
-        self, workdir: Path, name: str, config: dict[str, Any], patches: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, workdir: Path, name: str, config: dict[str, Any]) -> None:
         self.name = name
         self.port = int(config["server"]["port"])
         self.config_path = workdir / f"{name}.yaml"
@@ -390,7 +385,7 @@ class BridgeProc:
                 str(BRIDGE_CORE),
                 sys.executable,
                 "-m",
-                *(("bench.patched", "--patch", ",".join(patches)) if patches else ("bridge",)),
+                "bridge",
                 "run",
                 "--config",
                 str(self.config_path),
@@ -646,7 +641,7 @@ class Bench:
             max_in_flight=10_000,
             transport=transport,
         )
-        bridge = BridgeProc(self.workdir, f"bridge-sustained-{transport}", config, s.patches)
+        bridge = BridgeProc(self.workdir, f"bridge-sustained-{transport}", config)
         top_up = asyncio.create_task(self._top_up(topics.input, polled, 20_000))
         self.bg.append(top_up)
         try:
@@ -820,7 +815,7 @@ class Bench:
             max_in_flight=2 * n,
         )
         tag = f"{interval:g}s" if s.policy == "fixed" else "adaptive"
-        bridge = BridgeProc(self.workdir, f"bridge-concurrent-{tag}", config, s.patches)
+        bridge = BridgeProc(self.workdir, f"bridge-concurrent-{tag}", config)
         finished: Counter[str] = Counter()
         loop: asyncio.Task[None] | None = None
         try:
@@ -946,7 +941,7 @@ class Bench:
             max_in_flight=max(sizes) + 1000,
             policy="fixed",
         )
-        bridge = BridgeProc(self.workdir, "bridge-memory", config, s.patches)
+        bridge = BridgeProc(self.workdir, "bridge-memory", config)
         points: list[dict[str, float]] = []
         try:
             await bridge.wait_ready()
@@ -1279,12 +1274,6 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
         f"{s['transport']}`, `api.max_concurrent_requests: {s['concurrency']}`, production "
         "logging (JSON, INFO). Working files: see Method."
     )
-    if s["patches"]:
-        add("")
-        add(
-            f"**Prototype run: the bridge ran under `bench.patched` with {list(s['patches'])}, "
-            "not as committed.**"
-        )
     add("")
     ceil = results.get("ceilings", {})
     sus = results.get("sustained", {})
@@ -1704,9 +1693,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("ms (poll response → broker ack)")
     ax.set_title(f"Publish latency, {s['concurrent']:,} in flight")
     ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(
-        "wavespeed-bridge on one core" + (f" (patched: {s['patches']})" if s["patches"] else "")
-    )
+    fig.suptitle("wavespeed-bridge on one core")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1789,11 +1776,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool, str | Non
         default="ceilings,sustained,naive,concurrent,memory",
         help="comma-separated subset",
     )
-    p.add_argument(
-        "--patches",
-        default="",
-        help="run the bridge with bench.patched prototypes (comma-separated), to measure them",
-    )
     p.add_argument("--quick", action="store_true", help="short windows, small sizes (smoke)")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     p.add_argument(
@@ -1810,7 +1792,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool, str | Non
         concurrent=a.concurrent,
         concurrency=a.concurrency,
         phases=tuple(x for x in a.phases.split(",") if x),
-        patches=tuple(x for x in a.patches.split(",") if x),
     )
     if a.quick:
         s = Settings(
@@ -1830,7 +1811,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool, str | Non
             concurrent_seconds=8.0,
             naive_concurrent_seconds=6.0,
             phases=s.phases,
-            patches=s.patches,
         )
     return s, a.no_write, a.report_from
 

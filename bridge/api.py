@@ -1,7 +1,7 @@
 """The WaveSpeed result API: what a response means (pure) and how to fetch one (I/O).
 
 :func:`interpret` turns a status code, headers and body into one :class:`Outcome`;
-:class:`ApiClient` performs the GET through httpx and never raises for anything the
+:class:`ApiClient` performs the GET (aiohttp or httpx) and never raises for anything the
 network or the server does.
 """
 
@@ -12,13 +12,19 @@ import json
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import httpx
 import structlog
+import yarl
 
 from bridge.messages import finite_number, parse_timestamp, safe_text, task_path
 
 log = structlog.get_logger("wavespeed_bridge.api")
+
+# RFC 3986 reserved characters, '%' (escapes already there) and the {id} placeholder.
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%{}~"
 
 
 class Kind(enum.Enum):
@@ -159,7 +165,14 @@ def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Ou
 
 
 class ApiClient:
-    """GET the result of one prediction. Thin: all meaning lives in :func:`interpret`."""
+    """GET the result of one prediction. Thin: all meaning lives in :func:`interpret`.
+
+    Two transports, chosen by measurement (bench/results/throughput.md): ``aiohttp``
+    (default) drives an aiohttp session directly, ~4x the requests per CPU-second of
+    httpx's ``AsyncClient`` over the same pool; ``httpx`` uses ``httpx.AsyncClient``
+    with httpcore. Both apply the same size cap, timeouts and no-redirect rule, and hand
+    the same status, header and body to :func:`interpret`.
+    """
 
     def __init__(
         self,
@@ -175,84 +188,121 @@ class ApiClient:
         transport: str = "aiohttp",
         user_agent: str = "wavespeed-bridge",
     ) -> None:
-        self._path = result_path
+        # For aiohttp, the whole URL is encoded once here and sent as is (no requoting that
+        # could normalise a path); for httpx, the client joins base and path itself.
+        self._path = (
+            quote(base_url.rstrip("/") + result_path, safe=_URL_SAFE)
+            if transport == "aiohttp"
+            else result_path
+        )
         self._max_bytes = max_response_bytes
         self._unexpected_logged: set[str] = set()
-        headers = {"User-Agent": user_agent, "Accept": "application/json"}
+        self._headers = {"User-Agent": user_agent, "Accept": "application/json"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        async_transport: httpx.AsyncBaseTransport
-        if transport == "aiohttp":
-            async_transport = _aiohttp_transport(verify_tls, limits)
-        else:
-            async_transport = httpx.AsyncHTTPTransport(verify=verify_tls, limits=limits)
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            headers=headers,
-            timeout=timeout,
-            follow_redirects=False,
-            transport=async_transport,
-        )
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._max_connections = max_connections
+        self._verify_tls = verify_tls
+        self._session: aiohttp.ClientSession | None = None  # made in the running loop
+        self._client: httpx.AsyncClient | None = None
+        if transport != "aiohttp":
+            self._client = httpx.AsyncClient(
+                base_url=base_url,
+                headers=self._headers,
+                timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+                follow_redirects=False,
+                transport=httpx.AsyncHTTPTransport(
+                    verify=verify_tls,
+                    limits=httpx.Limits(
+                        max_connections=max_connections,
+                        max_keepalive_connections=max_connections,
+                    ),
+                ),
+            )
 
     async def fetch(self, task_id: str, now: float) -> Outcome:
         try:
-            url = task_path(self._path, task_id)
+            path = task_path(self._path, task_id)
         except ValueError as exc:  # a bad id; the parser should have refused it
             return Outcome(Kind.NOT_FOUND, reason=f"invalid task id ({exc})")
         try:
-            async with self._client.stream("GET", url) as response:
-                declared = response.headers.get("content-length", "")
-                if (
-                    declared.isascii()
-                    and declared.isdigit()
-                    and (len(declared) > 18 or int(declared) > self._max_bytes)
-                ):
-                    return Outcome(
-                        Kind.TRANSIENT,
-                        response.status_code,
-                        reason=f"body larger than {self._max_bytes} bytes, not read"
-                        f" (Content-Length {declared[:20]})",
-                    )
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > self._max_bytes:
-                        return Outcome(
-                            Kind.TRANSIENT,
-                            response.status_code,
-                            reason=f"body larger than {self._max_bytes} bytes, not read",
-                        )
-                return interpret(
-                    response.status_code, response.headers.get("retry-after"), bytes(body), now
-                )
-        except httpx.HTTPError as exc:
-            return Outcome(Kind.TRANSIENT, reason=_network_reason(exc))
-        except Exception as exc:  # the transport's own errors must not end the daemon
+            if self._client is not None:
+                return await self._fetch_httpx(path, now)
+            return await self._fetch_aiohttp(path, now)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            return Outcome(Kind.TRANSIENT, reason=f"timeout ({type(exc).__name__})")
+        except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
+            return Outcome(Kind.TRANSIENT, reason=f"network error ({type(exc).__name__})")
+        except Exception as exc:  # a malformed response, or the client's own error
+
             name = type(exc).__name__
             if name not in self._unexpected_logged:  # a traceback once per kind, then counts
                 self._unexpected_logged.add(name)
                 log.warning("unexpected error from the HTTP client", error=name, exc_info=exc)
             return Outcome(Kind.TRANSIENT, reason=f"client error ({name})")
 
+    def _too_large(self, code: int, declared: str | None) -> Outcome | None:
+        declared = declared or ""
+        if (
+            declared.isascii()
+            and declared.isdigit()
+            and (len(declared) > 18 or int(declared) > self._max_bytes)
+        ):
+            return Outcome(
+                Kind.TRANSIENT,
+                code,
+                reason=f"body larger than {self._max_bytes} bytes, not read"
+                f" (Content-Length {declared[:20]})",
+            )
+        return None
+
+    def _over_cap(self, code: int) -> Outcome:
+        return Outcome(
+            Kind.TRANSIENT, code, reason=f"body larger than {self._max_bytes} bytes, not read"
+        )
+
+    async def _fetch_aiohttp(self, path: str, now: float) -> Outcome:
+        session = self._session
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(limit=self._max_connections, ssl=self._verify_tls),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=self._connect_timeout_s,
+                    sock_read=self._read_timeout_s,
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+            )
+        url = yarl.URL(path, encoded=True)  # encoded already: see __init__ and task_path
+        async with session.get(url, allow_redirects=False) as response:
+            code = response.status
+            if refused := self._too_large(code, response.headers.get("Content-Length")):
+                return refused
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > self._max_bytes:
+                    return self._over_cap(code)
+            return interpret(code, response.headers.get("Retry-After"), bytes(body), now)
+
+    async def _fetch_httpx(self, path: str, now: float) -> Outcome:
+        assert self._client is not None
+        async with self._client.stream("GET", path) as response:
+            code = response.status_code
+            if refused := self._too_large(code, response.headers.get("content-length")):
+                return refused
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self._max_bytes:
+                    return self._over_cap(code)
+            return interpret(code, response.headers.get("retry-after"), bytes(body), now)
+
     async def aclose(self) -> None:
-        await self._client.aclose()
-
-
-def _network_reason(exc: Exception) -> str:
-    # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: name the cause.
-    name = type(exc.__cause__ or exc).__name__
-    if "Timeout" in name:
-        return f"timeout ({name})"
-    return f"network error ({name})"
-
-
-def _aiohttp_transport(verify_tls: bool, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """httpx's API over aiohttp's connection pool: ~5x the requests/s of httpcore here."""
-    from httpx_aiohttp import AiohttpTransport
-
-    transport: httpx.AsyncBaseTransport = AiohttpTransport(verify=verify_tls, limits=limits)
-    return transport
+        if self._client is not None:
+            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaError
 
 from bridge import __version__
 from bridge import events as ev
@@ -88,7 +88,9 @@ class Bridge:
         self.tasks: dict[str, Task] = {}  # being polled
         self.publishing: dict[str, Task] = {}  # terminal, event not yet acknowledged
         self.parked: dict[str, Task] = {}  # from revoked partitions, until reassignment
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Future[None]] = set()  # events not yet acknowledged
+        self._publisher: kafka_io.Publisher | None = None
+        self._publishing_loop: asyncio.Task[None] | None = None
         self._polls: set[asyncio.Task[None]] = set()
         self._requests = 0
         self._committed: dict[Partition, int] = {}
@@ -110,8 +112,7 @@ class Bridge:
         )
         self._last_loop_tick = time.monotonic()
         self._budget_wait_seen = 0.0
-        self._started_polls = 0  # for budget utilisation
-        self._polls_seen = 0
+        self._taken_seen = 0  # scheduler.taken at the last gauge update
         self._gauges_at = self.clock.monotonic()
 
     # --- health -------------------------------------------------------------------------
@@ -158,6 +159,16 @@ class Bridge:
             if stop.is_set():
                 return
             self._started = True
+            assert self._producer is not None
+            m = self.metrics
+            self._publisher = kafka_io.Publisher(
+                self._producer,
+                retry_delay=lambda attempt: retry_delay(attempt, 0.5, 10.0, self.rng),
+                on_error=m.publish_failures.inc,
+                on_pending=m.events_pending.set,
+            )
+            # Outlives the other loops: finished events still go out during shutdown.
+            self._publishing_loop = asyncio.create_task(self._publisher.run(), name="publish")
             loops = [
                 asyncio.create_task(self._consume_loop(), name="consume"),
                 asyncio.create_task(self._dispatch_loop(), name="dispatch"),
@@ -225,6 +236,10 @@ class Bridge:
     async def _close(self) -> None:
         for t in [*self._polls, *self._deliveries]:
             t.cancel()
+        if self._publishing_loop is not None:
+            self._publishing_loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publishing_loop
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._consumer.stop(), 5.0)
@@ -515,16 +530,17 @@ class Bridge:
     async def _dispatch_loop(self) -> None:
         limit = self.config.api.max_concurrent_requests
         scheduler = self.scheduler
+        lateness = self.metrics.poll_lateness
         while not self._stopping:
             now = self.clock.monotonic()
             free = limit - self._requests
-            for task_id in scheduler.take(now, free):
+            for task_id, due in scheduler.take_due(now, free):
                 task = self.tasks.get(task_id)
                 if task is None:
                     continue
                 self._requests += 1
-                self._started_polls += 1
-                poll = asyncio.create_task(self._poll(task, now))
+                lateness.observe(max(0.0, now - due))
+                poll = asyncio.create_task(self._poll(task))
                 self._polls.add(poll)
                 poll.add_done_callback(self._polls.discard)
             if self._requests >= limit:
@@ -533,7 +549,7 @@ class Bridge:
             at = scheduler.next_wakeup(self.clock.monotonic())
             await self._sleep(None if at is None else at - self.clock.monotonic())
 
-    async def _poll(self, task: Task, scheduled: float) -> None:
+    async def _poll(self, task: Task) -> None:
         m = self.metrics
         started = self.clock.monotonic()
         m.requests_in_flight.inc()
@@ -715,44 +731,10 @@ class Bridge:
         on_ack: Callable[[], None],
         reduced: Callable[[], ev.OutputRecord] | None = None,
     ) -> None:
-        delivery = asyncio.create_task(self._send_until_acked(record, on_ack, reduced))
-        self._deliveries.add(delivery)
-        delivery.add_done_callback(self._deliveries.discard)
-        self.metrics.events_pending.set(len(self._deliveries))
-
-    async def _send_until_acked(
-        self,
-        record: ev.OutputRecord,
-        on_ack: Callable[[], None],
-        reduced: Callable[[], ev.OutputRecord] | None = None,
-    ) -> None:
-        """Retry until the broker acknowledges; the in-flight cap bounds what waits here."""
-        assert self._producer is not None
-        attempt = 0
-        while True:
-            try:
-                await kafka_io.send(self._producer, record)
-                break
-            except MessageSizeTooLargeError:  # not retriable: it will never fit
-                self.metrics.publish_failures.inc()
-                log.error(
-                    "record too large to publish", topic=record.topic, reduced=reduced is not None
-                )
-                if reduced is None:
-                    break  # given up; the offset moves on rather than block the partition
-                record, reduced = reduced(), None
-            except KafkaError as exc:
-                attempt += 1
-                self.metrics.publish_failures.inc()
-                log.warning(
-                    "publish failed, retrying",
-                    topic=record.topic,
-                    attempt=attempt,
-                    error=type(exc).__name__,
-                )
-                await asyncio.sleep(retry_delay(attempt, 0.5, 10.0, self.rng))
-        on_ack()
-        self.metrics.events_pending.set(len(self._deliveries) - 1)
+        assert self._publisher is not None
+        done = self._publisher.publish(record, on_ack, reduced)
+        self._deliveries.add(done)
+        done.add_done_callback(self._deliveries.discard)
 
     # --- committing and health -------------------------------------------------------------
 
@@ -794,8 +776,9 @@ class Bridge:
         budget = self.scheduler.budget
         if budget is not None and now > self._gauges_at:
             allowed = budget.rate * (now - self._gauges_at)
-            m.budget_utilization.set(min(1.0, (self._started_polls - self._polls_seen) / allowed))
-        self._gauges_at, self._polls_seen = now, self._started_polls
+            spent = self.scheduler.taken - self._taken_seen
+            m.budget_utilization.set(min(1.0, spent / allowed))
+        self._gauges_at, self._taken_seen = now, self.scheduler.taken
         if consumer is None:
             return
         lag = 0

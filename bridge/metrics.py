@@ -132,6 +132,13 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
+        self.poll_lateness = Histogram(
+            f"{p}_poll_lateness_seconds",
+            "How long after its scheduled time a poll was sent (waiting for a request slot, "
+            "the budget, or the event loop).",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
         self.api_up = Gauge(
             f"{p}_api_up", "1 if the last result API request got a usable answer.", registry=r
         )

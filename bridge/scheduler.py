@@ -70,7 +70,7 @@ class Scheduler(Generic[K]):
         self.budget = budget
         self._timers: list[tuple[float, int, K]] = []
         self._due: dict[K, float] = {}  # key -> due time, while waiting on a timer
-        self._ready: list[tuple[float, int, K]] = []
+        self._ready: list[tuple[float, int, K, float]] = []  # (-priority, seq, key, due)
         self._in_ready: set[K] = set()
         self._seq = itertools.count()
         self.paused_until = float("-inf")
@@ -117,11 +117,15 @@ class Scheduler(Generic[K]):
                 continue  # stale: rescheduled or cancelled
             del due[key]
             score = self._priority(key, when) if self._priority is not None else -when
-            heapq.heappush(self._ready, (-score, seq, key))
+            heapq.heappush(self._ready, (-score, seq, key, when))
             self._in_ready.add(key)
 
     def take(self, now: float, limit: int) -> list[K]:
         """Up to ``limit`` due keys, best first, within the budget and outside a pause."""
+        return [key for key, _ in self.take_due(now, limit)]
+
+    def take_due(self, now: float, limit: int) -> list[tuple[K, float]]:
+        """Like :meth:`take`, with the time each key was due (for lateness)."""
         self._promote(now)
         if self._budget_wait_since is not None:
             self.budget_wait_s += max(0.0, now - self._budget_wait_since)
@@ -130,13 +134,13 @@ class Scheduler(Generic[K]):
             return []
         want = min(limit, len(self._in_ready))
         n = want if self.budget is None else min(want, self.budget.available(now))
-        out: list[K] = []
+        out: list[tuple[K, float]] = []
         ready, in_ready = self._ready, self._in_ready
         while ready and len(out) < n:
-            _, _, key = heapq.heappop(ready)
+            _, _, key, due = heapq.heappop(ready)
             if key in in_ready:
                 in_ready.discard(key)
-                out.append(key)
+                out.append((key, due))
         if self.budget is not None and out:
             self.budget.take(len(out), now)
         if n < want:  # due polls held back by the budget alone, from now until the next take

@@ -661,14 +661,15 @@ async def test_duplicate_arriving_while_the_event_is_acknowledged_is_accounted(
     broker acknowledged it (acknowledgements are slowed down to make the window wide)."""
     import bridge.kafka as kafka_io
 
-    real_send = kafka_io.send
+    real_sent = kafka_io.Publisher._sent
 
-    async def slow_send(producer: AIOKafkaProducer, record: Any) -> None:
-        if record.topic != names.dead_letter:
-            await asyncio.sleep(1.0)
-        await real_send(producer, record)
+    def slow_sent(self: kafka_io.Publisher, d: Any, future: Any) -> None:
+        if d.record.topic == names.dead_letter:
+            real_sent(self, d, future)
+        else:
+            asyncio.get_running_loop().call_later(1.0, real_sent, self, d, future)
 
-    monkeypatch.setattr(kafka_io, "send", slow_send)
+    monkeypatch.setattr(kafka_io.Publisher, "_sent", slow_sent)
     await create_topics(broker, names)
     ids = await sim_create(sim, [{"model": "m", "duration_s": 0.05}])
     config = make_config(broker, sim.base_url, names)

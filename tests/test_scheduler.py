@@ -22,6 +22,14 @@ def test_due_order_cancel_and_reschedule() -> None:
     assert len(s) == 0 and s.next_wakeup(7.0) is None
 
 
+def test_take_due_reports_when_each_key_was_due() -> None:
+    s: Scheduler[str] = Scheduler()
+    s.schedule("late", 1.0)
+    s.schedule("on_time", 4.0)
+    assert sorted(s.take_due(4.0, 10)) == [("late", 1.0), ("on_time", 4.0)]
+    assert s.taken == 2
+
+
 def test_limit_leaves_the_rest_ready() -> None:
     s: Scheduler[int] = Scheduler()
     for i in range(5):
