@@ -1327,7 +1327,7 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
     names = {
         "aiohttp": "aiohttp `ClientSession`",
         "httpx-aiohttp": "httpx over httpx-aiohttp",
-        "bridge-api": "the bridge's `ApiClient` (httpx-aiohttp, stream, `interpret`)",
+        "bridge-api": "the bridge's `ApiClient` (aiohttp session, size cap, `interpret`)",
         "httpx": "httpx, default transport (httpcore)",
         "bridge-api-httpx": "the bridge's `ApiClient`, httpx default transport",
         "proto-httpx-transport": "prototype fetch: `httpx.Request` straight to the "
@@ -1533,9 +1533,9 @@ def _profile_md(prof: dict[str, Any], label: str) -> str:
 _METHOD = """\
 - **Bare loops** (`bench.naive bare`): 100 workers GET the result URL of 2,000 pending
   tasks round-robin and decode the JSON body, nothing else: what each HTTP stack costs
-  (after a 3 s warm-up: httpcore's pool takes seconds to reach its pace). The two
-  `proto-*` loops are candidate `ApiClient.fetch` bodies (same size cap and `interpret`
-  as the bridge's), so the price of httpx's client layer shows in the same run.
+  (after a 3 s warm-up: httpcore's pool takes seconds to reach its pace). The
+  `bridge-api` loops are the bridge's own `ApiClient.fetch` (size cap and `interpret`
+  included), over each transport, so the price of httpx's client layer shows in one run.
 - **Sustained** (`python -m bridge run`): tasks that finish on the first poll (created
   10 min ago, duration 0) are fed ahead of the bridge (a backlog of ~20,000), so it never
   lacks due work and every poll is consume → GET → CloudEvent → produce (acks=all) →

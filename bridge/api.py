@@ -235,7 +235,6 @@ class ApiClient:
         except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
             return Outcome(Kind.TRANSIENT, reason=f"network error ({type(exc).__name__})")
         except Exception as exc:  # a malformed response, or the client's own error
-
             name = type(exc).__name__
             if name not in self._unexpected_logged:  # a traceback once per kind, then counts
                 self._unexpected_logged.add(name)

@@ -779,6 +779,12 @@ class Bridge:
             spent = self.scheduler.taken - self._taken_seen
             m.budget_utilization.set(min(1.0, spent / allowed))
         self._gauges_at, self._taken_seen = now, self.scheduler.taken
+        stats = getattr(self.policy, "model_stats", None)  # only learning policies have it
+        if stats is not None:
+            for model, (median, p90) in stats().items():
+                label = m.model_label(model)
+                m.model_completion.labels(label, "0.5").set(median)
+                m.model_completion.labels(label, "0.9").set(p90)
         if consumer is None:
             return
         lag = 0

@@ -343,6 +343,7 @@ def _check(config: Config, problems: list[str]) -> None:
         ("polling.poll_cost_s", p.poll_cost_s),
         ("polling.learning_window", p.learning_window),
         ("polling.max_model_labels", p.max_model_labels),
+        ("polling.max_models", p.max_models),
         ("shutdown_grace_s", config.shutdown_grace_s),
     ):
         positive(key, value)

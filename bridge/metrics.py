@@ -132,6 +132,13 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
+        self.model_completion = Gauge(
+            f"{p}_model_completion_seconds",
+            "Learned time from created_at to completion, by model and quantile (adaptive "
+            "policy; models with at least one completion).",
+            ["model", "quantile"],
+            registry=r,
+        )
         self.poll_lateness = Histogram(
             f"{p}_poll_lateness_seconds",
             "How long after its scheduled time a poll was sent (waiting for a request slot, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -13,9 +14,11 @@ from tests.helpers import (
     Names,
     create_topics,
     make_config,
+    metric_value,
     produce,
     read_all,
     running_bridge,
+    scrape,
     sim_create,
 )
 
@@ -28,7 +31,7 @@ WAVE = 10
 
 async def _waves(
     broker: LocalBroker, sim: Simulator, names: Names, polling: dict[str, Any], waves: int
-) -> tuple[list[list[int]], dict[str, tuple[float, float]]]:
+) -> tuple[list[list[int]], dict[str, tuple[float, float]], str]:
     """Polls per task, wave by wave (each wave submitted after the last one finished)."""
     await create_topics(broker, names)
     config = make_config(broker, sim.base_url, names, polling=polling)
@@ -46,7 +49,9 @@ async def _waves(
             out.append([sim.tasks[i].polls for i in ids])
         if isinstance(bridge.policy, AdaptivePolicy):
             stats = bridge.policy.model_stats()
-    return out, stats
+        await asyncio.sleep(0.5)  # gauges follow the commit loop (every 0.2 s here)
+        metrics = await scrape(bridge.server.port)
+    return out, stats, metrics
 
 
 async def test_adaptive_uses_far_fewer_polls_than_fixed(
@@ -54,8 +59,8 @@ async def test_adaptive_uses_far_fewer_polls_than_fixed(
 ) -> None:
     # Same floor for both: the fixed policy polls every 0.2 s; the adaptive one may poll
     # 0.2 s apart, but starts from a prior that is wrong (median 1 s, not 3 s).
-    fixed, _ = await _waves(broker, sim, names, {"policy": "fixed", "interval_s": 0.2}, 1)
-    adaptive, stats = await _waves(
+    fixed, _, _ = await _waves(broker, sim, names, {"policy": "fixed", "interval_s": 0.2}, 1)
+    adaptive, stats, metrics = await _waves(
         broker,
         sim,
         Names(),
@@ -77,5 +82,9 @@ async def test_adaptive_uses_far_fewer_polls_than_fixed(
     learned_mean = sum(adaptive[1]) / WAVE  # the second wave, after learning from the first
     assert fixed_mean >= 10  # 3 s at 0.2 s
     assert learned_mean <= 0.3 * fixed_mean
-    median, _p90 = stats[MODEL]
+    median, p90 = stats[MODEL]
     assert median == pytest.approx(DURATION_S, rel=0.15)
+    # The learned distribution is exported per model.
+    name = "wavespeed_bridge_model_completion_seconds"
+    assert metric_value(metrics, name, model=MODEL, quantile="0.5") == pytest.approx(median)
+    assert metric_value(metrics, name, model=MODEL, quantile="0.9") == pytest.approx(p90)
