@@ -38,8 +38,6 @@ CLIENTS = (
     "httpx-aiohttp",
     "bridge-api",
     "bridge-api-httpx",
-    "proto-httpx-transport",
-    "proto-native",
 )
 RESULT_PATH = "/api/v3/predictions/{id}"
 
@@ -87,10 +85,6 @@ async def _fetcher(
             return r.status_code
 
         return fetch_httpx, hx.aclose
-    if client == "proto-httpx-transport":
-        return await _proto_httpx_transport(base_url, headers, concurrency)
-    if client == "proto-native":
-        return await _proto_native(base_url, headers, concurrency)
     from bridge.api import ApiClient
 
     api = ApiClient(
@@ -109,72 +103,6 @@ async def _fetcher(
         return outcome.status_code or 0
 
     return fetch_api, api.aclose
-
-
-async def _proto_httpx_transport(
-    base_url: str, headers: dict[str, str], concurrency: int
-) -> tuple[Callable[[str], Awaitable[int]], Callable[[], Awaitable[None]]]:
-    """Prototype: httpx types, without ``AsyncClient``: a Request straight to the transport.
-
-    Skips the client's URL merge, auth and redirect flows, cookie jar, hooks and stream
-    wrapping; keeps ``httpx.Request``/``httpx.Response`` and the httpx-aiohttp pool.
-    """
-    from httpx_aiohttp import AiohttpTransport
-
-    from bridge.api import interpret
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    transport = AiohttpTransport(limits=limits)
-    hdrs = httpx.Headers(headers)
-    timeout = {"connect": 5.0, "read": 10.0, "write": 10.0, "pool": 10.0}
-    prefix = base_url.rstrip("/")
-
-    async def fetch(task_id: str) -> int:
-        request = httpx.Request(
-            "GET",
-            prefix + RESULT_PATH.format(id=task_id),
-            headers=hdrs,
-            extensions={"timeout": timeout},
-        )
-        response = await transport.handle_async_request(request)
-        try:
-            body = await response.aread()
-        finally:
-            await response.aclose()
-        interpret(response.status_code, response.headers.get("retry-after"), body, time.time())
-        return response.status_code
-
-    return fetch, transport.aclose
-
-
-async def _proto_native(
-    base_url: str, headers: dict[str, str], concurrency: int
-) -> tuple[Callable[[str], Awaitable[int]], Callable[[], Awaitable[None]]]:
-    """Prototype: the bridge's fetch on aiohttp itself (size cap, ``interpret``), no httpx."""
-    from bridge.api import interpret
-
-    session = aiohttp.ClientSession(
-        base_url=base_url,
-        headers=headers,
-        connector=aiohttp.TCPConnector(limit=concurrency),
-        timeout=aiohttp.ClientTimeout(sock_connect=5.0, sock_read=10.0),
-        auto_decompress=True,
-    )
-    max_bytes = 1_048_576
-
-    async def fetch(task_id: str) -> int:
-        async with session.get(RESULT_PATH.format(id=task_id), allow_redirects=False) as r:
-            if r.content_length is not None and r.content_length > max_bytes:
-                return r.status
-            body = bytearray()
-            async for chunk in r.content.iter_any():
-                body += chunk
-                if len(body) > max_bytes:
-                    return r.status
-            interpret(r.status, r.headers.get("Retry-After"), bytes(body), time.time())
-            return r.status
-
-    return fetch, session.close
 
 
 async def bare(args: argparse.Namespace) -> dict[str, Any]:

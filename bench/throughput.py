@@ -1330,10 +1330,6 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
         "bridge-api": "the bridge's `ApiClient` (aiohttp session, size cap, `interpret`)",
         "httpx": "httpx, default transport (httpcore)",
         "bridge-api-httpx": "the bridge's `ApiClient`, httpx default transport",
-        "proto-httpx-transport": "prototype fetch: `httpx.Request` straight to the "
-        "httpx-aiohttp transport, no `AsyncClient` (+ `interpret`)",
-        "proto-native": "prototype fetch: aiohttp `ClientSession`, size cap + `interpret`, "
-        "no httpx",
     }
     for client, r in ceil.items():
         c1 = r["core1"]

@@ -35,6 +35,7 @@ from bridge.tasks import Task
 log = structlog.get_logger("wavespeed_bridge")
 
 Partition = tuple[str, int]
+Headers = tuple[tuple[str, bytes], ...]
 
 
 def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:
@@ -395,18 +396,23 @@ class Bridge:
         )
 
     def _dead_letter(self, rec: Record, why: Rejected) -> None:
-        record = ev.dead_letter_record(
-            topic=self.config.kafka.dead_letter_topic,
-            source_topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key,
-            value=rec.value,
-            headers=rec.headers,
-            reason=why.reason,
-            detail=why.detail,
-            max_value_bytes=self.config.kafka.max_message_bytes,
-        )
+        def build(
+            key: bytes | None, value: bytes | None, headers: Headers, limit: int
+        ) -> ev.OutputRecord:
+            return ev.dead_letter_record(
+                topic=self.config.kafka.dead_letter_topic,
+                source_topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=key,
+                value=value,
+                headers=headers,
+                reason=why.reason,
+                detail=why.detail,
+                max_value_bytes=limit,
+            )
+
+        record = build(rec.key, rec.value, rec.headers, self.config.kafka.max_message_bytes)
         log.warning(
             "message dead-lettered",
             reason=why.reason,
@@ -420,19 +426,8 @@ class Bridge:
             self.metrics.dead_letters.labels(why.reason).inc()
             self.metrics.published.labels("dead_letter").inc()
 
-        def reduced() -> ev.OutputRecord:
-            return ev.dead_letter_record(
-                topic=self.config.kafka.dead_letter_topic,
-                source_topic=rec.topic,
-                partition=rec.partition,
-                offset=rec.offset,
-                key=None,
-                value=None,
-                headers=(),
-                reason=why.reason,
-                detail=why.detail,
-                max_value_bytes=0,
-            )
+        def reduced() -> ev.OutputRecord:  # too large to publish: only the dlq.* headers
+            return build(None, None, (), 0)
 
         self._deliver(record, on_ack, reduced)
 
