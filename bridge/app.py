@@ -227,6 +227,7 @@ class Bridge:
             if pending and remaining > 0:
                 await asyncio.wait(list(pending), timeout=remaining)
         await self._commit(timeout=max(0.5, min(5.0, grace_end - time.monotonic())))
+        self._duplicate_risk(set(self.offsets.partitions()))
         unfinished = len(self.tasks) + len(self.publishing)
         log.info(
             "stopped",
@@ -481,12 +482,7 @@ class Bridge:
         if self._deliveries:
             await asyncio.wait(list(self._deliveries), timeout=5.0)
         await self._commit(only=gone, timeout=5.0)
-        unacked = sum(
-            1
-            for task in self.publishing.values()
-            if any((t, p) in gone for t, p, _ in task.origins)
-        )
-        self.metrics.rebalance_duplicates.inc(unacked)
+        unacked = self._duplicate_risk(gone)
         for part in gone:
             self.offsets.drop(part)
             self._committed.pop(part, None)
@@ -495,8 +491,21 @@ class Bridge:
             "partitions revoked",
             partitions=sorted(p for _, p in gone),
             parked=len(self.parked),
-            unacked_events=unacked,
+            duplicate_risk=unacked,
         )
+
+    def _duplicate_risk(self, parts: set[Partition]) -> int:
+        """Count, once, the records of ``parts`` the next owner will publish again.
+
+        Called after the last commit: finished records behind an unfinished one (out of
+        order) and tasks whose event is not acknowledged yet.
+        """
+        ahead = sum(self.offsets.done_ahead(part) for part in parts)
+        unacked = sum(
+            1 for task in self.publishing.values() for t, p, _ in task.origins if (t, p) in parts
+        )
+        self.metrics.rebalance_duplicates.inc(ahead + unacked)
+        return ahead + unacked
 
     # --- polling -------------------------------------------------------------------------
 

@@ -227,8 +227,9 @@ class Metrics:
         )
         self.rebalance_duplicates = Counter(
             f"{p}_rebalance_duplicate_risk_tasks",
-            "Tasks whose event was still unacknowledged when their partition was revoked: "
-            "the new owner may publish a second event for each.",
+            "Input records whose event was (or may have been) published but whose offset "
+            "could not be committed when their partition left this member (rebalance or "
+            "shutdown): the next owner publishes them again.",
             registry=r,
         )
         self.kafka_up = Gauge(

@@ -57,6 +57,11 @@ class PartitionOffsets:
         return len(self._pending) - len(self._done)
 
     @property
+    def done_ahead(self) -> int:
+        """Finished records behind an unfinished one: not committable yet."""
+        return len(self._done)
+
+    @property
     def lowest_pending(self) -> int | None:
         return self._pending[0] if self._pending else None
 
@@ -91,6 +96,10 @@ class OffsetTracker(Generic[P]):
             part = self._parts.get(partition)
             return part.in_flight if part is not None else 0
         return sum(p.in_flight for p in self._parts.values())
+
+    def done_ahead(self, partition: P) -> int:
+        part = self._parts.get(partition)
+        return part.done_ahead if part is not None else 0
 
     def drop(self, partition: P) -> None:
         """Forget a partition (revoked); late ``done`` calls for it are ignored."""

@@ -75,6 +75,7 @@ async def test_rebalance_two_daemons_join_and_leave_while_tasks_flow(
         b.metrics.rebalance_duplicates._value.get()
     )
     # Every duplicate is one the bridges counted as at risk when its partition moved.
+    print(f"rebalance: 1000 ids, {len(got)} events, {duplicates} duplicates, risk {risk:g}")
     assert duplicates <= risk
     assert metric_value(text_a, "wavespeed_bridge_rebalances_total") >= 2
     assert sum(await committed(broker.bootstrap, names.group, names.input, 4)) == 1000

@@ -15,7 +15,9 @@ def test_commits_only_the_finished_prefix() -> None:
     p.done(12)
     p.done(11)
     assert p.committable is None  # 10 still in flight
+    assert p.done_ahead == 2  # finished, but a new owner would receive them again
     p.done(10)
+    assert p.done_ahead == 0
     assert p.committable == 13
     assert p.in_flight == 2
     p.done(14)
