@@ -220,9 +220,11 @@ async def _show_metrics(port: int) -> None:
         "wavespeed_bridge_tasks_finished_total",
         "wavespeed_bridge_dead_letters_total",
         "wavespeed_bridge_api_responses_total",
+        "wavespeed_bridge_model_completion_seconds",
     )
-    lines = [ln for ln in text.splitlines() if ln.startswith(wanted)]
+    # Series exported at zero from the start are left out: they say nothing here.
+    lines = [ln for ln in text.splitlines() if ln.startswith(wanted) and not ln.endswith(" 0.0")]
     _say(f"from http://127.0.0.1:{port}/metrics:")
-    for line in lines[:14]:
+    for line in lines[:20]:
         _say(f"  {line}")
     sys.stdout.flush()
