@@ -28,6 +28,7 @@ log = structlog.get_logger("wavespeed_bridge.kafka")
 # small batches cap events per round trip. Below the brokers' default message.max.bytes
 # (1 MiB), which applies to a whole batch.
 MAX_BATCH_BYTES = 512 * 1024
+RETRY_LOG_INTERVAL_S = 5.0
 
 
 def client_options(config: KafkaConfig) -> dict[str, Any]:
@@ -124,6 +125,9 @@ class Publisher:
         self._queue: collections.deque[_Delivery] = collections.deque()
         self._wake = asyncio.Event()
         self.pending = 0  # published and not yet acknowledged or given up
+        # Retry warnings are summarised: an outage fails every pending record, repeatedly.
+        self._retries_unlogged = 0
+        self._retry_logged_at = float("-inf")
 
     def publish(
         self,
@@ -172,13 +176,17 @@ class Publisher:
         self._on_error()
         if isinstance(exc, KafkaError) and not isinstance(exc, MessageSizeTooLargeError):
             d.attempt += 1
-            log.warning(
-                "publish failed, retrying",
-                topic=d.record.topic,
-                attempt=d.attempt,
-                error=type(exc).__name__,
-            )
             loop = asyncio.get_running_loop()
+            self._retries_unlogged += 1
+            if loop.time() - self._retry_logged_at >= RETRY_LOG_INTERVAL_S:
+                log.warning(
+                    "publish failed, retrying",
+                    topic=d.record.topic,
+                    attempt=d.attempt,
+                    error=type(exc).__name__,
+                    failures_since_last_warning=self._retries_unlogged,
+                )
+                self._retry_logged_at, self._retries_unlogged = loop.time(), 0
             loop.call_later(self._retry_delay(d.attempt), self._enqueue, d)
             return
         # Never going to fit (or not a record the client accepts): shrink once, else drop.
