@@ -365,6 +365,10 @@ async def test_five_sigkills_with_1000_tasks_in_flight(
     counts = _subjects(got)
     assert set(counts) == set(ids)
     duplicates = sum(c - 1 for c in counts.values())
+    print(
+        f"sigkill x5: 1000 ids, {len(got)} events, {duplicates} duplicates,"
+        f" {uncommitted_at_kills} uncommitted at the kills"
+    )
     assert duplicates <= uncommitted_at_kills
     assert sum(await committed(broker.bootstrap, names.group, names.input, parts)) == 1000
 
