@@ -178,9 +178,11 @@ async def _drive(
             f"all {expected} inputs accounted for in {time.monotonic() - t0:.1f}s: "
             + ", ".join(f"{v} {key}" for key, v in sorted(seen.items()))
         )
+        polls = sum(t.polls for t in sim.tasks.values())
         _say(
-            f"simulator served {sim.requests} requests "
-            f"({sim.requests / max(1, n + 2):.1f} per task)"
+            f"simulator answered {polls} result polls for {len(sim.tasks)} tasks "
+            f"({polls / max(1, len(sim.tasks)):.1f} per task; {sim.requests} requests in all,"
+            " submissions included)"
         )
         await _show_metrics(port)
         if keep_running:
