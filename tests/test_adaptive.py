@@ -284,37 +284,28 @@ def test_deadlines_are_respected() -> None:
         assert j.verdict == pytest.approx(j.deadline)
 
 
+def _aged(task_id: str, now: float, age_s: float) -> Task:
+    """A flux-dev task first seen at ``now``, created ``age_s`` earlier."""
+    return Task(
+        task_id=task_id,
+        model="flux-dev",
+        created=now - age_s,
+        created_wall=0.0,
+        first_seen=now,
+        timeout_s=300.0,
+    )
+
+
 def test_a_late_consumed_task_is_polled_at_once() -> None:
     p = policy()
     run(p, lognormal_jobs(300, "flux-dev", 3.0, 0.4, rate=5.0))
     now = 50_000.0
-    old = Task(
-        task_id="old",
-        model="flux-dev",
-        created=now - 40.0,
-        created_wall=0.0,
-        first_seen=now,
-        timeout_s=300.0,
-    )
+    old = _aged("old", now, 40.0)
     assert p.first_poll(old, now) == now
     # Past the deadline already: polled now, and the poll settles it.
-    expired = Task(
-        task_id="x",
-        model="flux-dev",
-        created=now - 900.0,
-        created_wall=0.0,
-        first_seen=now,
-        timeout_s=300.0,
-    )
+    expired = _aged("x", now, 900.0)
     assert p.first_poll(expired, now) == now
-    fresh = Task(
-        task_id="new",
-        model="flux-dev",
-        created=now - 0.05,
-        created_wall=0.0,
-        first_seen=now,
-        timeout_s=300.0,
-    )
+    fresh = _aged("new", now, 0.05)
     assert now + 1.0 < p.first_poll(fresh, now) < now + 5.0
 
 
