@@ -469,7 +469,12 @@ OBSERVED: list[dict[str, int]] = []
     max_examples=4,
     deadline=None,
     phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    # Batches of 100+ arbitrary messages are the point: large draws are expected.
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
     database=None,
 )
 @given(batch=st.lists(messages, min_size=100, max_size=180))
