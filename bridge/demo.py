@@ -210,7 +210,7 @@ def _describe(kind: str, event: dict[str, Any], submitted: dict[str, float]) -> 
     elif d.get("error"):
         extra = f"error: {d['error'][:60]}"
     return (
-        f"  {kind:<9}  {d['task_id'][:16]:<16}  {str(d['model'])[:34]:<34}  {took:>20}"
+        f"  {kind:<9}  {d['task_id'][:16]:<16}  {str(d['model'])[:40]:<40}  {took:>20}"
         f"  polls={d['polls']:<2}  {extra}"
     )
 
