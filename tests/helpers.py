@@ -227,18 +227,6 @@ async def read_all(
     return out
 
 
-async def end_offsets(bootstrap: str, topic: str, partitions: int = 1) -> dict[int, int]:
-    """The log-end offset of each partition: how many records it holds right now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        ends = await consumer.end_offsets(tps)
-        return {tp.partition: ends[tp] for tp in tps}
-    finally:
-        await consumer.stop()
-
-
 async def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
