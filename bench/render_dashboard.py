@@ -48,8 +48,9 @@ from aiokafka import AIOKafkaProducer
 
 from bridge import logs
 from bridge.app import Bridge
-from bridge.broker import LocalBroker, free_port
 from bridge.config import Config, build_config
+from bridge.local.broker import free_port
+from bridge.local.tansu import TansuBroker
 from bridge.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +74,13 @@ MODELS = {
 
 @dataclass
 class Stack:
-    broker: LocalBroker
+    broker: TansuBroker
     sim: Simulator
     bridges: list[Bridge]
     prometheus_url: str
 
 
-def bridge_config(broker: LocalBroker, sim: Simulator, port: int) -> Config:
+def bridge_config(broker: TansuBroker, sim: Simulator, port: int) -> Config:
     return build_config(
         {
             "kafka": {
@@ -394,7 +395,7 @@ async def main(minutes: float, out: Path, seed: int) -> None:
     rng = random.Random(seed)
     workdir = Path(tempfile.mkdtemp(prefix="render-dashboard-"))
     print(f"working files in {workdir}")
-    broker = LocalBroker(log_path=workdir / "broker.log")
+    broker = TansuBroker(log_path=workdir / "broker.log")
     broker.start()
     try:
         await broker.wait_ready()

@@ -66,8 +66,9 @@ from bench.procs import (
     rss_bytes,
     sample_cpu,
 )
-from bridge.broker import LocalBroker, free_port
 from bridge.events import rfc3339
+from bridge.local.broker import free_port
+from bridge.local.tansu import TansuBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -518,7 +519,7 @@ class Bench:
         self.s = s
         self.workdir = workdir
         self.rng = random.Random(s.seed)
-        self.broker = LocalBroker(log_path=workdir / "broker.log")
+        self.broker = TansuBroker(log_path=workdir / "broker.log")
         self.sim: Sim | None = None
         self.feeder: Feeder | None = None
         self.results: dict[str, Any] = {"settings": _settings_dict(s)}

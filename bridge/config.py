@@ -56,6 +56,8 @@ class KafkaConfig:
     fetch_max_records: int = 500
     max_message_bytes: int = 1_048_576
     linger_ms: int = 5
+    # Idempotent producer (acks=all): broker-side retries never duplicate or reorder an event.
+    enable_idempotence: bool = True
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     commit_interval_s: float = 1.0
     health_check_interval_s: float = 5.0

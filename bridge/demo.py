@@ -18,9 +18,10 @@ from aiokafka import AIOKafkaProducer
 
 from bridge import logs
 from bridge.app import Bridge
-from bridge.broker import LocalBroker, free_port
 from bridge.config import Config, load_config
 from bridge.feeder import produce_tasks, submit, tail
+from bridge.local.broker import free_port
+from bridge.local.tansu import TansuBroker
 from bridge.simulator import ModelProfile, Simulator
 
 DEMO_KEY = "local-demo-key"  # the simulator's key; never a real one
@@ -55,7 +56,7 @@ async def run_demo(*, tasks: int, config_path: str, keep_running: bool) -> int:
     workdir = Path(".demo")
     workdir.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    broker = LocalBroker(log_path=workdir / "broker.log")
+    broker = TansuBroker(log_path=workdir / "broker.log")
     broker.start()
     sim = Simulator(api_key=DEMO_KEY, profiles=PROFILES, seed=7)
     try:
@@ -89,7 +90,7 @@ async def run_demo(*, tasks: int, config_path: str, keep_running: bool) -> int:
 
 async def _drive(
     config: Config,
-    broker: LocalBroker,
+    broker: TansuBroker,
     sim: Simulator,
     n: int,
     keep_running: bool,

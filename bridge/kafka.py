@@ -1,7 +1,7 @@
 """The Kafka edge: client options from config, consumer and producer construction, record mapping.
 
-Plain Kafka protocol only (no idempotence or transactions) so the bridge runs unchanged on
-Apache Kafka, Redpanda, MSK, Confluent Cloud and the Tansu broker used in tests.
+The producer is idempotent unless ``kafka.enable_idempotence`` is false (for brokers
+without InitProducerId, such as Tansu); everything else is plain Kafka protocol.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def make_producer(config: KafkaConfig) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         **client_options(config),
         acks="all",
-        enable_idempotence=False,
+        enable_idempotence=config.enable_idempotence,
         linger_ms=config.linger_ms,
         compression_type=config.compression_type,
         max_request_size=max(config.max_message_bytes * 2, 1_048_576),

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,26 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bridge.app import Bridge
-from bridge.broker import LocalBroker, free_port
 from bridge.config import Config, build_config
+from bridge.local.apache_kafka import KafkaCluster
+from bridge.local.broker import Broker, free_port
+from bridge.local.tansu import TansuBroker
 from bridge.simulator import Simulator
 
 API_KEY = "test-key-7f3a9c"
+
+# A broker a test started for itself and may stop, freeze and restart (see conftest).
+OwnBroker = KafkaCluster | TansuBroker
+StartBroker = Callable[..., Awaitable[OwnBroker]]
+
+
+async def wait_until(predicate: Callable[[], bool], *, timeout: float, step: float = 0.05) -> None:
+    """Until ``predicate()`` holds: wait for an outcome, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)
 
 
 @dataclass
@@ -59,7 +74,7 @@ class Names:
 
 
 def config_data(
-    broker: LocalBroker, base_url: str, names: Names, **sections: dict[str, Any]
+    broker: Broker, base_url: str, names: Names, **sections: dict[str, Any]
 ) -> dict[str, Any]:
     data: dict[str, Any] = {
         "kafka": {
@@ -74,6 +89,7 @@ def config_data(
             "commit_interval_s": 0.2,
             "health_check_interval_s": 0.5,
             "request_timeout_ms": 5000,
+            "enable_idempotence": broker.features.idempotence,
         },
         "api": {"base_url": base_url, "connect_timeout_s": 1.0, "read_timeout_s": 2.0},
         "polling": {
@@ -94,13 +110,11 @@ def config_data(
     return data
 
 
-def make_config(
-    broker: LocalBroker, base_url: str, names: Names, **sections: dict[str, Any]
-) -> Config:
+def make_config(broker: Broker, base_url: str, names: Names, **sections: dict[str, Any]) -> Config:
     return build_config(config_data(broker, base_url, names, **sections), env={})
 
 
-async def create_topics(broker: LocalBroker, names: Names, partitions: int = 1) -> None:
+async def create_topics(broker: Broker, names: Names, partitions: int = 1) -> None:
     await broker.create_topics([names.input], partitions=partitions)
     await broker.create_topics(names.outputs)
 
@@ -239,6 +253,18 @@ async def committed(bootstrap: str, group: str, topic: str, partitions: int = 1)
         return out
     finally:
         await consumer.stop()
+
+
+async def wait_for_commits(
+    bootstrap: str, group: str, topic: str, partitions: int, *, total: int, timeout: float = 30.0
+) -> list[int]:
+    """The group's committed positions, once they add up to ``total`` (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        positions = await committed(bootstrap, group, topic, partitions)
+        if sum(positions) >= total or time.monotonic() > deadline:
+            return positions
+        await asyncio.sleep(0.2)
 
 
 async def sim_create(sim: Simulator, items: list[dict[str, Any]]) -> list[str]:

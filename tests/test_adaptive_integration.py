@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bridge.adaptive import AdaptivePolicy
-from bridge.broker import LocalBroker
+from bridge.local.broker import Broker
 from bridge.simulator import Simulator
 from tests.helpers import (
     Names,
@@ -30,7 +30,7 @@ WAVE = 10
 
 
 async def _waves(
-    broker: LocalBroker, sim: Simulator, names: Names, polling: dict[str, Any], waves: int
+    broker: Broker, sim: Simulator, names: Names, polling: dict[str, Any], waves: int
 ) -> tuple[list[list[int]], dict[str, tuple[float, float]], str]:
     """Polls per task, wave by wave (each wave submitted after the last one finished)."""
     await create_topics(broker, names)
@@ -55,7 +55,7 @@ async def _waves(
 
 
 async def test_adaptive_uses_far_fewer_polls_than_fixed(
-    broker: LocalBroker, sim: Simulator, names: Names
+    broker: Broker, sim: Simulator, names: Names
 ) -> None:
     # Same floor for both: the fixed policy polls every 0.2 s; the adaptive one may poll
     # 0.2 s apart, but starts from a prior that is wrong (median 1 s, not 3 s).

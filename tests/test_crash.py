@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.broker import LocalBroker
+from bridge.local.broker import Broker
 from bridge.simulator import Simulator
 from tests.helpers import (
     Names,
@@ -27,13 +27,13 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration
 
 
-async def _wait_for_events(broker: LocalBroker, names: Names, n: int, timeout: float) -> int:
+async def _wait_for_events(broker: Broker, names: Names, n: int, timeout: float) -> int:
     got = await read_all(broker.bootstrap, [names.completed], expect=n, timeout=timeout)
     return len(got)
 
 
 async def test_sigkill_mid_flight_then_restart_loses_nothing(
-    broker: LocalBroker, sim: Simulator, names: Names, tmp_path: Path
+    broker: Broker, sim: Simulator, names: Names, tmp_path: Path
 ) -> None:
     await create_topics(broker, names, partitions=2)
     rng = random.Random(3)

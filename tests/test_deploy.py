@@ -40,8 +40,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.broker import LocalBroker
 from bridge.config import Config, load_config
+from bridge.local.broker import Broker
 from bridge.simulator import Simulator
 from tests.helpers import (
     Names,
@@ -860,7 +860,7 @@ def exported_series(text: str) -> dict[str, set[str]]:
 
 @pytest.mark.integration
 async def test_every_queried_metric_is_exported(
-    helm: str, broker: LocalBroker, sim: Simulator, names: Names
+    helm: str, broker: Broker, sim: Simulator, names: Names
 ) -> None:
     groups = prometheus_rule(helm)["spec"]["groups"]
     queries = [(f"alert {r['alert']}", r["expr"]) for g in groups for r in g["rules"]]

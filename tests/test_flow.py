@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.broker import LocalBroker
+from bridge.local.broker import Broker
 from bridge.simulator import Simulator
 from tests.helpers import (
     Names,
@@ -19,10 +19,10 @@ from tests.helpers import (
     sim_create,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.tansu_too]
 
 
-async def test_tasks_in_events_out(broker: LocalBroker, sim: Simulator, names: Names) -> None:
+async def test_tasks_in_events_out(broker: Broker, sim: Simulator, names: Names) -> None:
     await create_topics(broker, names, partitions=3)
     ok = await sim_create(
         sim, [{"model": "m/image", "duration_s": 0.3 + i * 0.05} for i in range(12)]
@@ -83,7 +83,7 @@ async def test_tasks_in_events_out(broker: LocalBroker, sim: Simulator, names: N
 
 
 async def test_malformed_messages_dead_lettered_and_daemon_goes_on(
-    broker: LocalBroker, sim: Simulator, names: Names
+    broker: Broker, sim: Simulator, names: Names
 ) -> None:
     await create_topics(broker, names)
     good = await sim_create(sim, [{"model": "m", "duration_s": 0.1} for _ in range(2)])

@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bridge.api import TERMINAL, ApiClient, Kind, Outcome, interpret, parse_retry_after
-from bridge.broker import LocalBroker
+from bridge.local.broker import Broker
 from bridge.simulator import Simulator
 from tests.helpers import (
     API_KEY,
@@ -185,7 +185,7 @@ async def elsewhere() -> AsyncIterator[Simulator]:
 
 @pytest.mark.integration
 async def test_hostile_responses_end_as_timeouts_and_the_daemon_goes_on(
-    broker: LocalBroker, sim: Simulator, elsewhere: Simulator, names: Names
+    broker: Broker, sim: Simulator, elsewhere: Simulator, names: Names
 ) -> None:
     await create_topics(broker, names)
     sim.redirect_base = elsewhere.base_url

