@@ -95,11 +95,15 @@ class Bridge:
         self._polls: set[asyncio.Task[None]] = set()
         self._requests = 0
         self._committed: dict[Partition, int] = {}
+        # Per assigned partition, the offset after the last record handed over (or the start).
+        self._next_offset: dict[Partition, int] = {}
         self._paused = False
         self._stopping = False
         self._started = False
         self._assigned_once = False
         self._kafka_ok = False
+        self._kafka_problem: tuple[str, str] | None = None  # (kind, why) while unreachable
+        self._missing_topics: frozenset[str] = frozenset()
         self._waiter: asyncio.Future[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -121,10 +125,14 @@ class Bridge:
     def readiness(self) -> tuple[bool, str]:
         if self._stopping:
             return False, "shutting down"
+        if self._kafka_problem is not None:
+            return False, f"kafka: {self._kafka_problem[1]}"
         if not self._started:
             return False, "starting"
         if not self._kafka_ok:
             return False, "kafka unreachable"
+        if self._missing_topics:
+            return False, f"missing topics: {', '.join(sorted(self._missing_topics))}"
         if not self._assigned_once:
             return False, "waiting for group assignment"
         return True, "ready"
@@ -196,11 +204,11 @@ class Bridge:
                 await self._consumer.start()
                 self._consumer.subscribe([self.config.kafka.input_topic], listener=listener)
                 self._kafka_ok = True
+                self._kafka_problem = None
                 self.metrics.kafka_up.set(1)
                 return
             except KafkaError as exc:
-                log.warning("kafka not reachable, retrying", error=str(exc), retry_in_s=delay)
-                self.metrics.kafka_up.set(0)
+                await self._kafka_failed(exc, retry_in_s=delay)
                 with contextlib.suppress(Exception):
                     await self._producer.stop()
                 with contextlib.suppress(Exception):
@@ -210,6 +218,26 @@ class Bridge:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _kafka_failed(self, exc: BaseException, retry_in_s: float | None = None) -> None:
+        """Find out why the brokers cannot be reached; say it once, count every time."""
+        kind, why = await kafka_io.diagnose(self.config.kafka)
+        if kind == "broker" and self.config.kafka.enable_idempotence:
+            why += (
+                f" ({type(exc).__name__}); a broker without the idempotent producer"
+                " (InitProducerId) needs kafka.enable_idempotence: false"
+            )
+        self.metrics.kafka_errors.labels(kind).inc()
+        self.metrics.kafka_up.set(0)
+        if (kind, why) != self._kafka_problem:
+            log.error(
+                "kafka connection failed",
+                kind=kind,
+                reason=why,
+                error=type(exc).__name__,
+                retry_in_s=retry_in_s,
+            )
+        self._kafka_problem = (kind, why)
 
     async def _shutdown(self, loops: list[asyncio.Task[None]], stopper: asyncio.Task[Any]) -> None:
         """Stop fetching and polling; publish and commit what is finished, within the grace."""
@@ -261,50 +289,80 @@ class Bridge:
         while not self._stopping:
             room = cap - self.open_records
             self._set_paused(room <= 0)
+            await self._note_positions()
             # getmany is called even while paused: it keeps this member inside
             # max.poll.interval.ms however long tasks take.
             try:
                 batch = await consumer.getmany(
                     timeout_ms=200, max_records=max(1, min(batch_cap, room))
                 )
-            except UnicodeDecodeError:  # aiokafka decodes header keys strictly
+            except Exception as exc:  # a record it cannot decode, or the fetch itself failed
+                if not kafka_io.undecodable(exc):
+                    log.warning("fetch failed, retrying", error=type(exc).__name__)
+                    await asyncio.sleep(1.0)
+                    continue
                 await self._skip_undecodable(batch_cap)
                 continue
             for _tp, messages in batch.items():
                 for msg in messages:
                     self._on_record(kafka_io.to_record(msg))
 
+    async def _note_positions(self) -> None:
+        """Remember where each newly assigned partition starts, before anything is fetched."""
+        consumer = self._consumer
+        assert consumer is not None
+        for tp in consumer.assignment():
+            part = (tp.topic, tp.partition)
+            if part not in self._next_offset:
+                try:
+                    self._next_offset[part] = await consumer.position(tp)
+                except KafkaError:  # revoked meanwhile; the next assignment asks again
+                    return
+
     async def _skip_undecodable(self, limit: int) -> None:
-        """A record aiokafka cannot decode fails every getmany() of its partition, good
-        records fetched with it included. Read each partition one record at a time up to
-        the bad one (its offset is then the position), dead-letter it and seek past it."""
+        """A record the client cannot decode (a codec it lacks, a corrupt batch, a header
+        name that is not UTF-8) fails getmany(), and aiokafka may already have moved past
+        good records fetched with it. Rewind every partition to the record after the last
+        one handed over, then read each one record at a time: a record that fails is
+        dead-lettered by its offset and skipped, the rest are handled as usual."""
         consumer = self._consumer
         assert consumer is not None
         for tp in sorted(consumer.assignment()):
+            part = (tp.topic, tp.partition)
+            if part in self._next_offset:
+                consumer.seek(tp, self._next_offset[part])
+        for tp in sorted(consumer.assignment()):
+            part = (tp.topic, tp.partition)
             for _ in range(limit):
                 try:
-                    got = await consumer.getmany(tp, timeout_ms=50, max_records=1)
-                except UnicodeDecodeError as exc:
-                    offset = await consumer.position(tp)
-                    rec = Record(tp.topic, tp.partition, offset, None, None, (), None)
-                    with contextlib.suppress(ValueError):
-                        self.offsets.add((tp.topic, tp.partition), offset)
-                        self._dead_letter(
-                            rec,
-                            Rejected(
-                                "undecodable",
-                                f"the Kafka client cannot decode this record ({exc.reason}"
-                                f" at byte {exc.start} of a header name); key, value and"
-                                " headers are not available",
-                            ),
-                        )
+                    got = await consumer.getmany(tp, timeout_ms=100, max_records=1)
+                except Exception as exc:
+                    if not kafka_io.undecodable(exc) or part not in self._next_offset:
+                        break
+                    offset = self._next_offset[part]
+                    self._on_undecodable(tp.topic, tp.partition, offset, exc)
                     consumer.seek(tp, offset + 1)
-                    break
+                    continue
                 if not got:
                     break
                 for messages in got.values():
                     for msg in messages:
                         self._on_record(kafka_io.to_record(msg))
+
+    def _on_undecodable(self, topic: str, partition: int, offset: int, exc: Exception) -> None:
+        self._next_offset[(topic, partition)] = offset + 1
+        try:
+            self.offsets.add((topic, partition), offset)
+        except ValueError:
+            return
+        self._dead_letter(
+            Record(topic, partition, offset, None, None, (), None),
+            Rejected(
+                "undecodable",
+                f"the Kafka client cannot decode this record ({kafka_io.describe_error(exc)});"
+                " key, value and headers are not available",
+            ),
+        )
 
     def _set_paused(self, pause: bool) -> None:
         consumer = self._consumer
@@ -322,6 +380,7 @@ class Bridge:
 
     def _on_record(self, rec: Record) -> None:
         part = (rec.topic, rec.partition)
+        self._next_offset[part] = rec.offset + 1
         try:
             self.offsets.add(part, rec.offset)
         except ValueError:
@@ -442,6 +501,7 @@ class Bridge:
         for part in mine:
             self.offsets.drop(part)  # start clean from the committed position
             self._committed.pop(part, None)
+            self._next_offset.pop(part, None)
         # Parked tasks of partitions that went elsewhere belong to their new owner now.
         handed_over = 0
         for task_id, task in list(self.parked.items()):
@@ -486,6 +546,7 @@ class Bridge:
         for part in gone:
             self.offsets.drop(part)
             self._committed.pop(part, None)
+            self._next_offset.pop(part, None)
         self.metrics.in_flight.set(len(self.tasks) + len(self.publishing))
         log.info(
             "partitions revoked",
@@ -809,16 +870,44 @@ class Bridge:
         probe_timeout = max(interval, min(10.0, self.config.kafka.request_timeout_ms / 1000))
         while not self._stopping:
             try:
-                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), probe_timeout)
-                ok = True
-            except (KafkaError, TimeoutError, OSError):
-                ok = False
+                metadata = await asyncio.wait_for(
+                    self._producer.client.fetch_all_metadata(), probe_timeout
+                )
+            except (KafkaError, TimeoutError, OSError) as exc:
+                metadata = None
+                if self._kafka_ok:
+                    await self._kafka_failed(exc)
+            ok = metadata is not None
             if ok != self._kafka_ok:
                 log.warning("kafka reachable" if ok else "kafka unreachable")
             self._kafka_ok = ok
+            if metadata is not None:
+                self._kafka_problem = None
+                self._check_topics(set(metadata.topics()))
             self.metrics.kafka_up.set(1 if ok else 0)
             self.metrics.ready.set(1 if self.readiness()[0] else 0)
             await asyncio.sleep(interval)
+
+    def _check_topics(self, present: set[str]) -> None:
+        """Events for a topic the brokers do not list are held (not lost), and said once."""
+        k = self.config.kafka
+        wanted = {k.input_topic, k.completed_topic, k.failed_topic, k.dead_letter_topic}
+        if k.timeout_topic:
+            wanted.add(k.timeout_topic)
+        missing = frozenset(wanted - present)
+        if missing == self._missing_topics:
+            return
+        if missing - self._missing_topics:
+            log.error(
+                "topics missing: events for them are held until they exist",
+                topics=sorted(missing - self._missing_topics),
+            )
+        if self._missing_topics - missing:
+            log.warning("topics present again", topics=sorted(self._missing_topics - missing))
+        self._missing_topics = missing
+        self.metrics.topics_missing.set(len(missing))
+        if self._publisher is not None:
+            self._publisher.hold_topics(missing - {k.input_topic})
 
 
 def _error_kind(outcome: Outcome) -> str:

@@ -62,11 +62,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from bridge.config import explain
+
     config = _load(args.config)
-    print(
-        f"{args.config}: ok (input {config.kafka.input_topic!r}, group {config.kafka.group_id!r},"
-        f" policy {config.polling.policy})"
-    )
+    print(f"{args.config}: ok")
+    for line in explain(config):
+        print(f"  {line}")
     return 0
 
 

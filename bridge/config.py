@@ -377,6 +377,12 @@ def _check(config: Config, problems: list[str]) -> None:
             "kafka.sasl_password: required (or kafka.sasl_password_file) when security_protocol"
             " is SASL_*"
         )
+    if k.compression_type is not None and k.compression_type not in available_codecs():
+        problems.append(
+            f"kafka.compression_type: {k.compression_type} needs its codec library (cramjam,"
+            " installed with wavespeed-bridge), which cannot be imported here; reinstall, or"
+            f" choose one of: {', '.join(sorted(available_codecs()))}"
+        )
     topics = [k.input_topic, k.completed_topic, k.failed_topic, k.dead_letter_topic]
     if k.timeout_topic:
         topics.append(k.timeout_topic)
@@ -389,6 +395,40 @@ def _check(config: Config, problems: list[str]) -> None:
             )
         if not (0 < mc.median_s < mc.p90_s):
             problems.append(f"polling.model_classes[{i}]: need 0 < median_s < p90_s")
+
+
+def available_codecs() -> frozenset[str]:
+    """Compression codecs the Kafka client can really use here (for input and output)."""
+    from aiokafka import codec  # pure functions; imported late to keep this module light
+
+    checks = {"snappy": codec.has_snappy, "lz4": codec.has_lz4, "zstd": codec.has_zstd}
+    return frozenset({"gzip", *(name for name, has in checks.items() if has())})
+
+
+def explain(config: Config) -> list[str]:
+    """What the delivery-related settings mean, for ``check-config``."""
+    k = config.kafka
+    lines = [
+        f"input      {k.input_topic!r} in group {k.group_id!r}; policy {config.polling.policy}",
+    ]
+    if k.enable_idempotence:
+        lines.append(
+            "producer   idempotent, acks=all (kafka.enable_idempotence: true): a send the client"
+            " retries is written once and in order; needs a broker with the idempotent producer"
+            " (Apache Kafka, MSK, Confluent Cloud, Redpanda)"
+        )
+    else:
+        lines.append(
+            "producer   not idempotent, acks=all (kafka.enable_idempotence: false): a send"
+            " retried after a lost acknowledgement may be written twice; only for brokers"
+            " without InitProducerId (Tansu)"
+        )
+    codecs = ", ".join(sorted(available_codecs()))
+    lines.append(
+        f"compress   output {k.compression_type or 'none'}; input in any of: {codecs}"
+        " (a batch that cannot be decoded is dead-lettered by offset)"
+    )
+    return lines
 
 
 def build_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,14 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    MessageSizeTooLargeError,
+    SaslAuthenticationFailed,
+    UnsupportedCodecError,
+)
 from aiokafka.helpers import create_ssl_context
 
 from bridge.config import KafkaConfig, read_sasl_password
@@ -78,6 +86,64 @@ def make_producer(config: KafkaConfig) -> AIOKafkaProducer:
     )
 
 
+async def diagnose(config: KafkaConfig) -> tuple[str, str]:
+    """Why the clients cannot reach the brokers, as (kind, a sentence for the operator).
+
+    aiokafka reports only "Unable to bootstrap"; one direct connection to each bootstrap
+    server, with the same security settings, raises the real cause.
+    """
+    options = client_options(config)
+    last = ("network", f"no bootstrap server answered ({config.bootstrap_servers})")
+    for server in config.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            conn = await create_conn(
+                host.strip("[]"),
+                int(port),
+                request_timeout_ms=min(config.request_timeout_ms, 10_000),
+                ssl_context=options.get("ssl_context"),
+                security_protocol=config.security_protocol,
+                sasl_mechanism=options.get("sasl_mechanism") or "PLAIN",
+                sasl_plain_username=options.get("sasl_plain_username"),
+                sasl_plain_password=options.get("sasl_plain_password"),
+            )
+        except SaslAuthenticationFailed:
+            return "auth", (
+                f"SASL authentication failed ({config.sasl_mechanism} as"
+                f" {config.sasl_username!r}): check kafka.sasl_username and the password"
+            )
+        except ssl.SSLCertVerificationError as exc:
+            return "tls", (
+                f"the certificate of {server.strip()} is not trusted ({exc.verify_message});"
+                " set kafka.ssl_cafile to the CA that signed it"
+            )
+        except ssl.SSLError as exc:
+            return "tls", f"TLS handshake with {server.strip()} failed ({exc.reason})"
+        except (OSError, TimeoutError, ValueError, KafkaError) as exc:
+            last = ("network", f"cannot connect to {server.strip()} ({describe_error(exc)})")
+            continue
+        conn.close()
+        return "broker", f"{server.strip()} accepts connections but the client failed"
+    return last
+
+
+def undecodable(exc: BaseException) -> bool:
+    """Whether a fetch failed on the bytes of a record rather than on the broker or network.
+
+    Kafka errors other than a corrupt record or a missing codec are about the fetch (an
+    ACL, a lost coordinator) and must never skip records; anything else raised while
+    fetching comes from decoding records (codec libraries, UTF-8 header names).
+    """
+    if isinstance(exc, CorruptRecordException | UnsupportedCodecError):
+        return True
+    return isinstance(exc, Exception) and not isinstance(exc, KafkaError)
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
 def to_record(msg: ConsumerRecord[bytes, bytes]) -> Record:
     headers = tuple((k, v if v is not None else b"") for k, v in (msg.headers or ()))
     return Record(
@@ -124,6 +190,9 @@ class Publisher:
         self._on_pending = on_pending
         self._queue: collections.deque[_Delivery] = collections.deque()
         self._wake = asyncio.Event()
+        # Topics the brokers do not list: their records wait here, the others go on.
+        self._missing: frozenset[str] = frozenset()
+        self._held: list[_Delivery] = []
         self.pending = 0  # published and not yet acknowledged or given up
         # Retry warnings are summarised: an outage fails every pending record, repeatedly.
         self._retries_unlogged = 0
@@ -142,6 +211,13 @@ class Publisher:
         self._enqueue(_Delivery(record, on_ack, reduced, done))
         return done
 
+    def hold_topics(self, missing: frozenset[str]) -> None:
+        """Hold records for ``missing`` topics (a send would block the queue on metadata)."""
+        self._missing = missing
+        held, self._held = self._held, []
+        for d in held:
+            self._enqueue(d)
+
     def _enqueue(self, delivery: _Delivery) -> None:
         self._queue.append(delivery)
         self._wake.set()
@@ -155,6 +231,9 @@ class Publisher:
                 continue
             d = queue.popleft()
             r = d.record
+            if r.topic in self._missing:
+                self._held.append(d)
+                continue
             try:
                 # Waits only while the producer's buffer is full: back-pressure.
                 future = await self._producer.send(

@@ -76,6 +76,7 @@ def configure(
     # Libraries log through stdlib logging: keep their warnings, routed to the same stream
     # and scrubbed the same way.
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_OncePerInterval())
     handler.addFilter(_ScrubFilter(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -93,6 +94,29 @@ def _log_uncaught(
     structlog.get_logger("wavespeed_bridge").critical(
         "uncaught exception", exc_info=(exc_type, exc, tb)
     )
+
+
+class _OncePerInterval(logging.Filter):
+    """A library line repeated on every retry (aiokafka's "Unable connect to ...") is let
+    through once per ``interval`` seconds, with the count of those held back."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        seen = self._last.get(key)
+        if seen is not None and record.created - seen[0] < self._interval:
+            self._last[key] = (seen[0], seen[1] + 1)
+            return False
+        if len(self._last) > 1000:  # bounded: message templates, not values
+            self._last.clear()
+        self._last[key] = (record.created, 0)
+        if seen is not None and seen[1]:
+            record.msg = f"{record.msg} ({seen[1]} similar in the last {self._interval:g}s)"
+        return True
 
 
 class _ScrubFilter(logging.Filter):

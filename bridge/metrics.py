@@ -25,6 +25,7 @@ API_ERROR_KINDS = (
     "unknown_status",
 )
 PAUSE_REASONS = ("rate_limited", "auth", "retry_after")
+KAFKA_ERROR_KINDS = ("auth", "tls", "network", "broker")
 DEAD_LETTER_REASONS = (
     "empty",
     "oversize",
@@ -235,6 +236,18 @@ class Metrics:
         self.kafka_up = Gauge(
             f"{p}_kafka_up", "1 if the last broker health check succeeded.", registry=r
         )
+        self.kafka_errors = Counter(
+            f"{p}_kafka_connection_errors",
+            "Failed attempts to reach the brokers, by cause: auth (SASL), tls (certificate or "
+            "handshake), network, broker (connected, then refused).",
+            ["kind"],
+            registry=r,
+        )
+        self.topics_missing = Gauge(
+            f"{p}_kafka_topics_missing",
+            "Configured topics the brokers do not list (events for them are held).",
+            registry=r,
+        )
         self.ready = Gauge(f"{p}_ready", "1 when /readyz reports ready.", registry=r)
         self._zero_known_labels()
 
@@ -248,5 +261,7 @@ class Metrics:
             self.paused_seconds.labels(reason)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason)
+        for kind in KAFKA_ERROR_KINDS:
+            self.kafka_errors.labels(kind)
         for kind in ("completed", "failed", "timeout", "dead_letter"):
             self.published.labels(kind)
