@@ -202,6 +202,8 @@ async def read_all(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         group_id=None,
+        request_timeout_ms=6000,  # a frozen broker must not hold the reader for 40 s
+        isolation_level="read_committed",  # what subscribers see
     )
     await consumer.start()
     out: list[Received] = []
@@ -239,6 +241,39 @@ async def read_all(
     finally:
         await consumer.stop()
     return out
+
+
+class Tail:
+    """Reads topics from the beginning in the background, noting when each record arrived."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.records: list[tuple[float, Received]] = []
+        self._bootstrap, self._topics = bootstrap, topics
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Tail:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        def note(rs: list[Received]) -> bool:
+            now = time.monotonic()
+            self.records += [(now, r) for r in rs[len(self.records) :]]
+            return False
+
+        await read_all(self._bootstrap, self._topics, timeout=3600, until=note)
+
+    def subjects(self) -> set[str]:
+        return {r.event["subject"] for _, r in self.records}
+
+    async def wait_for(self, predicate: Callable[[Tail], bool], timeout: float) -> None:
+        await wait_until(lambda: predicate(self), timeout=timeout, step=0.1)
 
 
 async def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import random
 import signal
 from collections import Counter
@@ -12,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bridge.app import Bridge
 from bridge.local.broker import Broker
 from bridge.simulator import Simulator
 from tests.helpers import (
@@ -42,27 +45,34 @@ def _subjects(records: Sequence[Received]) -> Counter[str]:
     return Counter(r.event["subject"] for r in records)
 
 
-async def test_rebalance_two_daemons_join_and_leave_while_tasks_flow(
-    broker: Broker, sim: Simulator, names: Names
+@pytest.mark.parametrize(("replicas", "partitions", "tasks"), [(2, 4, 1000), (3, 6, 1500)])
+async def test_rebalance_replicas_join_and_leave_while_tasks_flow(
+    broker: Broker, sim: Simulator, names: Names, replicas: int, partitions: int, tasks: int
 ) -> None:
-    await create_topics(broker, names, partitions=4)
+    await create_topics(broker, names, partitions=partitions)
     rng = random.Random(5)
     ids = await sim_create(
         sim,
         [
             {"model": "m", "duration_s": rng.uniform(0.2, 3.0), "outcome": "completed"}
-            for _ in range(1000)
+            for _ in range(tasks)
         ],
     )
-    config = make_config(broker, sim.base_url, names, polling={"interval_s": 0.5})
-    config_b = make_config(broker, sim.base_url, names, polling={"interval_s": 0.5})
-    async with running_bridge(config) as a:
+    configs = [
+        make_config(broker, sim.base_url, names, polling={"interval_s": 0.5})
+        for _ in range(replicas)
+    ]
+    others: list[Bridge] = []
+    async with running_bridge(configs[0]) as a:
         feeding = asyncio.create_task(_feed_slowly(broker, names.input, ids, seconds=6.0))
         await asyncio.sleep(1.0)
-        async with running_bridge(config_b) as b:  # joins: partitions move to it
-            await asyncio.sleep(4.0)
-            assert b.metrics.assigned_partitions._value.get() > 0
-        # b left: its partitions come back to a
+        async with contextlib.AsyncExitStack() as stack:
+            for config in configs[1:]:  # join one by one: partitions move to each
+                joined = await stack.enter_async_context(running_bridge(config))
+                others.append(joined)
+                await wait_until(functools.partial(_has_partitions, joined), timeout=30)
+                await asyncio.sleep(1.5)
+        # they left, last first: their partitions come back to a
         await feeding
         got = await read_all(
             broker.bootstrap,
@@ -75,14 +85,24 @@ async def test_rebalance_two_daemons_join_and_leave_while_tasks_flow(
     counts = _subjects(got)
     assert set(counts) == set(ids)  # nothing lost
     duplicates = sum(c - 1 for c in counts.values())
-    risk = metric_value(text_a, "wavespeed_bridge_rebalance_duplicate_risk_tasks_total") + (
-        b.metrics.rebalance_duplicates._value.get()
+    risk = metric_value(text_a, "wavespeed_bridge_rebalance_duplicate_risk_tasks_total") + sum(
+        b.metrics.rebalance_duplicates._value.get() for b in others
     )
     # Every duplicate is one the bridges counted as at risk when its partition moved.
-    print(f"rebalance: 1000 ids, {len(got)} events, {duplicates} duplicates, risk {risk:g}")
+    print(
+        f"rebalance, {replicas} replicas: {tasks} ids, {len(got)} events,"
+        f" {duplicates} duplicates, risk {risk:g}"
+    )
     assert duplicates <= risk
     assert metric_value(text_a, "wavespeed_bridge_rebalances_total") >= 2
-    assert sum(await committed(broker.bootstrap, names.group, names.input, 4)) == 1000
+    positions = await wait_for_commits(
+        broker.bootstrap, names.group, names.input, partitions, total=tasks
+    )
+    assert sum(positions) == tasks
+
+
+def _has_partitions(bridge: Bridge) -> bool:
+    return bool(bridge.metrics.assigned_partitions._value.get() > 0)
 
 
 async def _feed_slowly(broker: Broker, topic: str, ids: list[str], seconds: float) -> None:

@@ -318,10 +318,20 @@ class KafkaCluster:
     # --- admin -------------------------------------------------------------------------
 
     async def create_topics(
-        self, names: list[str], partitions: int = 1, replication: int | None = None
+        self,
+        names: list[str],
+        partitions: int = 1,
+        replication: int | None = None,
+        *,
+        leader: int | None = None,
     ) -> None:
+        """Replicated on min(size, 3) nodes unless told; ``leader`` leads every partition."""
         factor = replication if replication is not None else min(self.size, 3)
-        await create_topics(self.client_options(), names, partitions, factor)
+        replicas = None
+        if leader is not None:
+            others = [n.node_id for n in self.nodes if n.node_id != leader]
+            replicas = [leader, *others[: factor - 1]]
+        await create_topics(self.client_options(), names, partitions, factor, replicas)
 
     async def wait_in_sync(self, topics: list[str], timeout: float = 60.0) -> None:
         """Until every partition of ``topics`` has all its replicas in sync again."""

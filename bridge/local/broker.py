@@ -89,17 +89,27 @@ async def wait_for_metadata(
 
 
 async def create_topics(
-    options: dict[str, Any], names: list[str], partitions: int, replication: int
+    options: dict[str, Any],
+    names: list[str],
+    partitions: int,
+    replication: int,
+    replicas: list[int] | None = None,
 ) -> None:
-    """Create topics (existing ones are left alone) and wait until each has its leaders."""
+    """Create topics (existing ones are left alone) and wait until each has its leaders.
+
+    ``replicas``: the nodes of every partition, the first its preferred leader.
+    """
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
         for name in names:
+            if replicas is None:
+                topic = NewTopic(name, num_partitions=partitions, replication_factor=replication)
+            else:
+                assignment = {p: replicas for p in range(partitions)}
+                topic = NewTopic(name, -1, -1, replica_assignments=assignment)
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(name, num_partitions=partitions, replication_factor=replication)]
-                )
+                await admin.create_topics([topic])
         for _ in range(100):
             described = await admin.describe_topics(names)
             if all(_has_leaders(t, partitions) for t in described):
