@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("broker", ["tansu", "kafka"])
-def test_demo_shows_events_and_where_metrics_are(tmp_path: Path, broker: str) -> None:
-    if broker == "kafka" and BROKER != "kafka":
+@pytest.mark.parametrize("demo_broker", ["tansu", "kafka"])
+def test_demo_shows_events_and_where_metrics_are(tmp_path: Path, demo_broker: str) -> None:
+    if demo_broker == "kafka" and BROKER != "kafka":
         pytest.skip("this run is on Tansu only")
     done = subprocess.run(
         [
@@ -31,7 +31,7 @@ def test_demo_shows_events_and_where_metrics_are(tmp_path: Path, broker: str) ->
             "--config",
             str(ROOT / "config" / "local.yaml"),
             "--broker",
-            broker,
+            demo_broker,
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -40,7 +40,9 @@ def test_demo_shows_events_and_where_metrics_are(tmp_path: Path, broker: str) ->
     )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert re.search(rf"^broker +{'Apache Kafka' if broker == 'kafka' else 'Tansu'} ", out, re.M)
+    assert re.search(
+        rf"^broker +{'Apache Kafka' if demo_broker == 'kafka' else 'Tansu'} ", out, re.M
+    )
     assert re.search(r"^metrics +http://127\.0\.0\.1:\d+/metrics", out, re.M), out
     # 5 tasks + an unknown id + one that times out + a malformed message.
     summary = re.search(r"^all 8 inputs accounted for in [\d.]+s: (.+)$", out, re.M)
