@@ -289,7 +289,6 @@ class Bridge:
         while not self._stopping:
             room = cap - self.open_records
             self._set_paused(room <= 0)
-            await self._note_positions()
             # getmany is called even while paused: it keeps this member inside
             # max.poll.interval.ms however long tasks take.
             try:
@@ -306,18 +305,6 @@ class Bridge:
             for _tp, messages in batch.items():
                 for msg in messages:
                     self._on_record(kafka_io.to_record(msg))
-
-    async def _note_positions(self) -> None:
-        """Remember where each newly assigned partition starts, before anything is fetched."""
-        consumer = self._consumer
-        assert consumer is not None
-        for tp in consumer.assignment():
-            part = (tp.topic, tp.partition)
-            if part not in self._next_offset:
-                try:
-                    self._next_offset[part] = await consumer.position(tp)
-                except KafkaError:  # revoked meanwhile; the next assignment asks again
-                    return
 
     async def _skip_undecodable(self, limit: int) -> None:
         """A record the client cannot decode (a codec it lacks, a corrupt batch, a header
@@ -509,6 +496,7 @@ class Bridge:
                 del self.parked[task_id]
                 handed_over += 1
         self.metrics.revoked_in_flight.inc(handed_over)
+        await self._seek_to_start(assigned)
         if self._paused and self._consumer is not None:
             self._consumer.pause(*assigned)
         log.info(
@@ -517,6 +505,29 @@ class Bridge:
             kept_parked=len(self.parked),
             handed_over=handed_over,
         )
+
+    async def _seek_to_start(self, assigned: set[TopicPartition]) -> None:
+        """Start each partition where the bridge decides, and remember it: the committed
+        offset, else the beginning or the end (``auto_offset_reset``)."""
+        consumer = self._consumer
+        if consumer is None or not assigned:
+            return
+        try:
+            committed = await kafka_io.committed_offsets(consumer, assigned)
+            missing = [tp for tp in assigned if tp not in committed]
+            if missing:
+                reset = (
+                    consumer.beginning_offsets
+                    if self.config.kafka.auto_offset_reset == "earliest"
+                    else consumer.end_offsets
+                )
+                committed |= await reset(missing)
+        except (KafkaError, TimeoutError) as exc:  # fetching goes on from aiokafka's own reset
+            log.warning("start offsets unknown", error=type(exc).__name__)
+            return
+        for tp, offset in committed.items():
+            consumer.seek(tp, offset)
+            self._next_offset[(tp.topic, tp.partition)] = offset
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Stop polling the revoked partitions' tasks; commit what finished before they go.

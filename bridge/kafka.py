@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -125,6 +125,17 @@ async def diagnose(config: KafkaConfig) -> tuple[str, str]:
         conn.close()
         return "broker", f"{server.strip()} accepts connections but the client failed"
     return last
+
+
+async def committed_offsets(
+    consumer: AIOKafkaConsumer, partitions: set[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The group's committed offsets of ``partitions``, in one request (those that have one)."""
+    # aiokafka's public committed() asks once per partition and drops the metadata.
+    fetched = await asyncio.wait_for(
+        consumer._coordinator.fetch_committed_offsets(partitions), timeout=10.0
+    )
+    return {tp: meta.offset for tp, meta in fetched.items()}
 
 
 def undecodable(exc: BaseException) -> bool:
