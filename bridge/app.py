@@ -24,7 +24,7 @@ from bridge import kafka as kafka_io
 from bridge.api import TERMINAL, ApiClient, Kind, Outcome, status_class
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config
-from bridge.messages import Record, Rejected, parse_task
+from bridge.messages import Headers, Record, Rejected, parse_task
 from bridge.metrics import Metrics
 from bridge.offsets import OffsetTracker
 from bridge.policy import FixedInterval, PollPolicy, clamp_to_deadline, retry_delay
@@ -35,7 +35,6 @@ from bridge.tasks import Task
 log = structlog.get_logger("wavespeed_bridge")
 
 Partition = tuple[str, int]
-Headers = tuple[tuple[str, bytes], ...]
 
 
 def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from bridge.api import Prediction
-from bridge.messages import safe_text
+from bridge.messages import Headers, safe_text
 
 EventType = Literal["completed", "failed", "timeout"]
 TYPE_PREFIX = "ai.wavespeed.prediction."
@@ -29,7 +29,7 @@ class OutputRecord:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
 
 
 # The range RFC 3339 (four-digit years) and ``datetime`` can write.
@@ -138,9 +138,7 @@ def _strict(value: Any, depth: int) -> Any:
     return value
 
 
-def event_record(
-    topic: str, event: dict[str, Any], headers: tuple[tuple[str, bytes], ...]
-) -> OutputRecord:
+def event_record(topic: str, event: dict[str, Any], headers: Headers) -> OutputRecord:
     carried = [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
     carried.append(("content-type", CONTENT_TYPE))
     return OutputRecord(
@@ -156,7 +154,7 @@ def dead_letter_record(
     offset: int,
     key: bytes | None,
     value: bytes | None,
-    headers: tuple[tuple[str, bytes], ...],
+    headers: Headers,
     reason: str,
     detail: str,
     max_value_bytes: int,

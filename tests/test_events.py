@@ -5,9 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+from aiokafka import ConsumerRecord
 
 from bridge.api import Prediction
 from bridge.events import build_event, dead_letter_record, event_record
+from bridge.kafka import to_record
 
 SCHEMA = Path(__file__).resolve().parents[1] / "bridge" / "schemas" / "event.schema.json"
 
@@ -109,3 +111,40 @@ def test_events_match_the_shipped_schema() -> None:
     broken = _event()
     broken["data"]["polls"] = "3"
     assert not validator.is_valid(broken)
+
+
+def test_null_header_values_are_carried_as_null() -> None:
+    headers: tuple[tuple[str, bytes | None], ...] = (("a", None), ("b", b""), ("c", b"x"))
+    assert event_record("out", _event(), headers).headers[:3] == list(headers)
+    dlq = dead_letter_record(
+        topic="dlq",
+        source_topic="in",
+        partition=0,
+        offset=1,
+        key=None,
+        value=b"?",
+        headers=headers,
+        reason="invalid_id",
+        detail="d",
+        max_value_bytes=100,
+    )
+    assert dlq.headers[:3] == list(headers)
+
+
+def test_to_record_keeps_null_header_values() -> None:
+    msg: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+        topic="in",
+        partition=2,
+        offset=5,
+        timestamp=1704110400000,
+        timestamp_type=0,
+        key=b"k",
+        value=b"pred_1",
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=6,
+        headers=[("a", None), ("b", b""), ("c", b"\xff")],
+    )
+    rec = to_record(msg)
+    assert rec.headers == (("a", None), ("b", b""), ("c", b"\xff"))
+    assert rec.timestamp_ms == 1704110400000 and rec.key == b"k"
