@@ -20,9 +20,6 @@ EventType = Literal["completed", "failed", "timeout"]
 TYPE_PREFIX = "ai.wavespeed.prediction."
 CONTENT_TYPE = b"application/cloudevents+json; charset=utf-8"
 
-# Headers the bridge sets itself; copies arriving on the input are not carried over.
-_OWN_HEADERS = frozenset({"content-type", "ce_id", "ce_type"})
-
 
 @dataclass(frozen=True, slots=True)
 class OutputRecord:
@@ -138,8 +135,19 @@ def _strict(value: Any, depth: int) -> Any:
     return value
 
 
+def _binding_header(name: str) -> bool:
+    """Headers the CloudEvents Kafka binding reads: ``ce_*`` attributes and content-type."""
+    lower = name.lower()
+    return lower.startswith("ce_") or lower == "content-type"
+
+
 def event_record(topic: str, event: dict[str, Any], headers: Headers) -> OutputRecord:
-    carried = [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
+    """The Kafka record for ``event``, carrying the input's headers.
+
+    Input headers the binding reads are dropped whatever their case: a ``ce_*`` header next
+    to a structured event makes SDKs read it as binary mode.
+    """
+    carried: list[tuple[str, bytes | None]] = [(k, v) for k, v in headers if not _binding_header(k)]
     carried.append(("content-type", CONTENT_TYPE))
     return OutputRecord(
         topic=topic, key=event["subject"].encode("utf-8"), value=encode(event), headers=carried

@@ -6,9 +6,10 @@ from typing import Any
 
 import jsonschema
 from aiokafka import ConsumerRecord
+from cloudevents.core.bindings import kafka
 
 from bridge.api import Prediction
-from bridge.events import build_event, dead_letter_record, event_record
+from bridge.events import CONTENT_TYPE, build_event, dead_letter_record, event_record
 from bridge.kafka import to_record
 
 SCHEMA = Path(__file__).resolve().parents[1] / "bridge" / "schemas" / "event.schema.json"
@@ -111,6 +112,42 @@ def test_events_match_the_shipped_schema() -> None:
     broken = _event()
     broken["data"]["polls"] = "3"
     assert not validator.is_valid(broken)
+
+
+# --- the CloudEvents Kafka protocol binding ------------------------------------------------
+
+# What a producer upstream may have put on the task record: CloudEvents headers of its own
+# (any case), a content-type, a null value and bytes that are not UTF-8.
+INPUT_HEADERS: tuple[tuple[str, bytes | None], ...] = (
+    ("ce_specversion", b"1.0"),
+    ("ce_source", b"urn:upstream"),
+    ("CE_Time", b"2020-01-01T00:00:00Z"),
+    ("ce_id", b"upstream-1"),
+    ("ce_type", b"com.example.submitted"),
+    ("Content-Type", b"text/plain"),
+    ("trace", b"abc"),
+    ("nothing", None),
+    ("raw", b"\xff\xfe"),
+)
+CARRIED = [("trace", b"abc"), ("nothing", None), ("raw", b"\xff\xfe")]
+
+
+def _sdk_headers(headers: list[tuple[str, bytes | None]]) -> dict[str, bytes]:
+    # The SDKs' KafkaMessage takes str -> bytes; a null header has no place in it.
+    return {k: v for k, v in headers if v is not None}
+
+
+def test_structured_record_drops_every_binding_header_of_the_input() -> None:
+    event = _event()
+    rec = event_record("out", event, INPUT_HEADERS)
+    assert rec.headers == [*CARRIED, ("content-type", CONTENT_TYPE)]
+    # The official SDK's mode detection reads any ce_* header as binary mode: it must
+    # find none, and get the event back.
+    assert rec.value is not None
+    message = kafka.KafkaMessage(headers=_sdk_headers(rec.headers), key=rec.key, value=rec.value)
+    parsed = kafka.from_kafka_event(message)
+    assert parsed.get_id() == "e-1" and parsed.get_type() == event["type"]
+    assert parsed.get_source() == "urn:test" and parsed.get_data() == event["data"]
 
 
 def test_null_header_values_are_carried_as_null() -> None:

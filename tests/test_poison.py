@@ -33,7 +33,7 @@ from bridge.api import Prediction
 from bridge.app import Bridge
 from bridge.broker import LocalBroker
 from bridge.config import build_config
-from bridge.events import build_event, dead_letter_record, encode, event_record
+from bridge.events import CONTENT_TYPE, build_event, dead_letter_record, encode, event_record
 from bridge.messages import (
     MAX_TASK_ID_LENGTH,
     Rejected,
@@ -277,7 +277,19 @@ predictions = st.builds(
 )
 header_names = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["content-type", "Content-Type", "ce_id", "ce_type", "dlq.offset", "trace"]),
+    st.sampled_from(
+        [
+            "content-type",
+            "Content-Type",
+            "ce_id",
+            "ce_type",
+            "ce_specversion",
+            "CE_Source",
+            "ce_time",
+            "dlq.offset",
+            "trace",
+        ]
+    ),
 )
 # A Kafka header value may be null; it is carried as None, never as b"".
 headers_st = st.lists(st.tuples(header_names, st.none() | st.binary(max_size=24)), max_size=4).map(
@@ -332,9 +344,12 @@ def test_event_builders_are_total_and_write_strict_json(
         {"topic": "in", "partition": 3, "offset": offset}
     ]
     names = [k.lower() for k, _ in record.headers]
-    assert names.count("content-type") == 1 and "ce_id" not in names and "ce_type" not in names
-    own = ("content-type", "ce_id", "ce_type")
-    assert record.headers[:-1] == [(k, v) for k, v in headers if k.lower() not in own]
+    # The binding's headers are the bridge's alone: one content-type, no ce_* from the input.
+    assert names.count("content-type") == 1 and not any(n.startswith("ce_") for n in names)
+    assert record.headers[-1] == ("content-type", CONTENT_TYPE)
+    carried = [(k, v) for k, v in headers if not k.lower().startswith("ce_")]
+    carried = [(k, v) for k, v in carried if k.lower() != "content-type"]
+    assert record.headers[:-1] == carried  # the rest as they came, None values included
 
 
 @settings(max_examples=400, deadline=None)
