@@ -29,6 +29,13 @@ class OutputRecord:
     headers: list[tuple[str, bytes | None]]
 
 
+def outcome_id(source: str, task_id: str, event_type: str) -> str:
+    """The same for every event reporting this task's outcome: a re-published event is a
+    duplicate by CloudEvents' rule (same ``source`` + ``id``). Task ids and types hold no
+    ``#``, so the name is unambiguous whatever the source."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{task_id}#{event_type}"))
+
+
 # The range RFC 3339 (four-digit years) and ``datetime`` can write.
 _FIRST_UNIX = 0.0
 _LAST_UNIX = 253402300799.999
@@ -95,11 +102,12 @@ def build_event(
             "records": [{"topic": t, "partition": pa, "offset": o} for t, pa, o in origins],
         },
     }
+    event_type = TYPE_PREFIX + kind
     return {
         "specversion": "1.0",
-        "id": event_id or str(uuid.uuid4()),
+        "id": event_id or outcome_id(source, task_id, event_type),
         "source": source,
-        "type": TYPE_PREFIX + kind,
+        "type": event_type,
         "subject": task_id,
         "time": rfc3339(observed_at),
         "datacontenttype": "application/json",

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,21 @@ def test_to_record_keeps_null_header_values() -> None:
     rec = to_record(msg)
     assert rec.headers == (("a", None), ("b", b""), ("c", b"\xff"))
     assert rec.timestamp_ms == 1704110400000 and rec.key == b"k"
+
+
+def test_event_id_is_a_name_based_uuid_of_source_task_and_type() -> None:
+    args: dict[str, Any] = {"event_id": None}
+    first = _event(**args)
+    again = _event(**args, observed_at=1704110999.0, polls=9, origins=[("in", 0, 7)])
+    assert first["id"] == again["id"]  # a re-published outcome is a duplicate by id
+    assert first["id"] == str(
+        uuid.uuid5(uuid.NAMESPACE_URL, "urn:test#pred_1#ai.wavespeed.prediction.completed")
+    )
+    assert uuid.UUID(first["id"]).version == 5
+    others = {
+        _event(**args, kind="failed")["id"],
+        _event(**args, kind="timeout")["id"],
+        _event(**args, task_id="pred_2")["id"],
+        _event(**args, source="urn:other")["id"],
+    }
+    assert len(others) == 4 and first["id"] not in others
