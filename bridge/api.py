@@ -39,6 +39,15 @@ class Kind(enum.Enum):
 
 TERMINAL = frozenset({Kind.COMPLETED, Kind.FAILED, Kind.NOT_FOUND})
 
+# Statuses the official SDKs (Python ``wavespeed`` 2.0.5, JavaScript) end a wait on as a
+# failure; the seed page documents only "failed". The error text when the API gives none:
+FAILED_STATUSES: dict[str, str] = {
+    "failed": "failed",
+    "cancelled": "the API reports the task was cancelled",
+    "timeout": "the API reports the task timed out",
+    "deleted": "the API reports the task was deleted",
+}
+
 
 @dataclass(slots=True)
 class Prediction:
@@ -155,8 +164,9 @@ def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Ou
     status = prediction.status
     if status == "completed":
         return Outcome(Kind.COMPLETED, code, prediction)
-    if status == "failed":
-        return Outcome(Kind.FAILED, code, prediction, reason=prediction.error or "failed")
+    failure = FAILED_STATUSES.get(status) if status is not None else None
+    if failure is not None:
+        return Outcome(Kind.FAILED, code, prediction, reason=prediction.error or failure)
     if status in ("created", "processing"):
         return Outcome(Kind.PENDING, code, prediction)
     # Undocumented status: keep polling until the deadline rather than invent an outcome.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from bridge.api import Prediction
+from bridge.api import FAILED_STATUSES, Prediction
 from bridge.messages import Headers, safe_text
 
 EventType = Literal["completed", "failed", "timeout"]
@@ -85,10 +85,12 @@ def build_event(
 ) -> dict[str, Any]:
     """The CloudEvent for a task that reached ``kind``; ``*_at`` are unix seconds."""
     p = prediction or Prediction()
+    # A failure keeps the status the API reported (cancelled, timeout, deleted, failed).
+    status = p.status if kind == "failed" and p.status in FAILED_STATUSES else kind
     data: dict[str, Any] = {
         "task_id": task_id,
         "model": p.model or model,
-        "status": kind,
+        "status": status,
         "outputs": p.outputs if kind == "completed" else [],
         "error": None if kind == "completed" else (p.error or reason or kind),
         "inference_time_s": p.inference_ms / 1000.0 if p.inference_ms is not None else None,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 from aiokafka import ConsumerRecord
 from cloudevents.core.bindings import kafka
 
@@ -204,3 +205,21 @@ def test_event_id_is_a_name_based_uuid_of_source_task_and_type() -> None:
         _event(**args, source="urn:other")["id"],
     }
     assert len(others) == 4 and first["id"] not in others
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled", "timeout", "deleted"])
+def test_failed_event_keeps_the_status_the_api_reported(status: str) -> None:
+    prediction = Prediction(id="pred_1", model="m", status=status, error=None)
+    e = _event(kind="failed", prediction=prediction, reason=f"the API says {status}")
+    assert e["type"] == "ai.wavespeed.prediction.failed"
+    assert e["data"]["status"] == status and e["data"]["error"] == f"the API says {status}"
+    assert e["data"]["outputs"] == []
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator(schema).validate(e)
+
+
+def test_a_404_after_pending_polls_is_reported_as_failed() -> None:
+    pending = Prediction(id="pred_1", status="processing")
+    e = _event(kind="failed", prediction=pending, reason="unknown or expired task (HTTP 404)")
+    assert e["data"]["status"] == "failed"
+    assert e["data"]["error"] == "unknown or expired task (HTTP 404)"
