@@ -73,6 +73,7 @@ class Bridge:
             api_key=api_key,
             connect_timeout_s=a.connect_timeout_s,
             read_timeout_s=a.read_timeout_s,
+            total_timeout_s=a.total_timeout_s,
             max_connections=a.max_concurrent_requests,
             max_response_bytes=a.max_response_bytes,
             verify_tls=a.verify_tls,

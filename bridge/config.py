@@ -70,6 +70,8 @@ class ApiConfig:
     api_key_env: str = "WAVESPEED_API_KEY"
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
+    # Whole request, connect to last byte: the read timeout restarts with every chunk.
+    total_timeout_s: float = 15.0
     max_concurrent_requests: int = 100
     max_response_bytes: int = 1_048_576
     verify_tls: bool = True
@@ -332,6 +334,7 @@ def _check(config: Config, problems: list[str]) -> None:
         ("kafka.health_check_interval_s", k.health_check_interval_s),
         ("api.connect_timeout_s", a.connect_timeout_s),
         ("api.read_timeout_s", a.read_timeout_s),
+        ("api.total_timeout_s", a.total_timeout_s),
         ("api.max_concurrent_requests", a.max_concurrent_requests),
         ("api.max_response_bytes", a.max_response_bytes),
         ("polling.interval_s", p.interval_s),

@@ -43,6 +43,7 @@ BEHAVIOURS = (
     "html_502",  # a proxy's HTML error page with 502
     "garbage",  # a broken proxy: an invalid status line echoing the request's credentials
     "huge_chunked",  # 50 MB like huge_body, but chunked: no Content-Length to refuse it by
+    "trickle",  # a valid body behind 10 kB of padding, one byte every trickle_interval_s
 )
 
 
@@ -116,6 +117,7 @@ class Simulator:
         self.redirect_base = "http://169.254.169.254"
         # Bytes of each finished "huge_body" response written before the client went away.
         self.huge_body_writes: list[int] = []
+        self.trickle_interval_s = 0.2
         self._limiter: TokenBucket | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -312,6 +314,8 @@ class Simulator:
                 request.transport.write(b"HTTP/1.1 2x0 proxy error; you sent " + auth + b"\r\n\r\n")
                 request.transport.close()
             return web.Response()  # never reaches the client: the connection is gone
+        if b == "trickle":
+            return await self._trickle(request, data)
         if b in ("huge_body", "huge_chunked"):
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             if b == "huge_body":
@@ -338,6 +342,24 @@ class Simulator:
             if request.transport is None or request.transport.is_closing():
                 break  # gone: do not hold the server's shutdown for the rest of the hour
             await asyncio.sleep(0.1)
+        return resp
+
+    async def _trickle(self, request: web.Request, data: dict[str, Any]) -> web.StreamResponse:
+        """Every byte arrives within any read timeout; the whole body takes half an hour."""
+        body = (
+            b" " * 10_000 + json.dumps({"code": 200, "message": "success", "data": data}).encode()
+        )
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        try:
+            for i in range(len(body)):
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await resp.write(body[i : i + 1])
+                await asyncio.sleep(self.trickle_interval_s)
+        except (ConnectionError, RuntimeError):
+            pass  # the client gave up, as it should
         return resp
 
     async def _submit(self, request: web.Request) -> web.StreamResponse:

@@ -11,6 +11,7 @@ one ``ai.wavespeed.prediction.timeout`` event whose ``data.error`` names the las
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -169,6 +170,45 @@ async def test_odd_retry_after_is_a_transient_error_not_a_missing_task(
             await client.aclose()
         assert out.kind is Kind.TRANSIENT, out
         assert out.status_code == 503
+
+
+# --- a body that trickles ------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_trickling_body_is_cut_at_the_total_timeout(sim: Simulator, transport: str) -> None:
+    """One byte every 0.2 s never trips a 1 s read timeout; only a total limit ends it."""
+    (task_id,) = await sim_create(sim, [{"model": "m", "duration_s": 0, "behaviour": "trickle"}])
+    client = ApiClient(
+        base_url=sim.base_url,
+        result_path="/api/v3/predictions/{id}",
+        api_key=API_KEY,
+        connect_timeout_s=1,
+        read_timeout_s=1,
+        total_timeout_s=1.5,
+        max_connections=2,
+        max_response_bytes=MAX_BODY,
+        transport=transport,
+    )
+    try:
+        started = time.monotonic()
+        out = await client.fetch(task_id, NOW)
+        took = time.monotonic() - started
+        assert out.kind is Kind.TRANSIENT
+        assert out.reason == "timeout (no complete response within 1.5s)"
+        assert 1.4 <= took < 2.5, took
+        # A shorter limit from the caller (the task's deadline) wins over the total.
+        started = time.monotonic()
+        out = await client.fetch(task_id, NOW, limit_s=0.6)
+        took = time.monotonic() - started
+        assert out.reason == "timeout (no complete response within 0.6s)"
+        assert 0.5 <= took < 1.3, took
+        # The connection pool is still usable afterwards.
+        (done,) = await sim_create(sim, [{"model": "m", "duration_s": 0}])
+        assert (await client.fetch(done, NOW)).kind is Kind.COMPLETED
+    finally:
+        await client.aclose()
+    assert sim.tasks[task_id].polls == 2
 
 
 # --- the daemon ---------------------------------------------------------------------------
