@@ -817,8 +817,8 @@ class Bridge:
         if stats is not None:
             for model, (median, p90) in stats().items():
                 label = m.model_label(model)
-                m.model_completion.labels(label, "0.5").set(median)
-                m.model_completion.labels(label, "0.9").set(p90)
+                m.model_completion.labels(label, "50").set(median)
+                m.model_completion.labels(label, "90").set(p90)
         if consumer is None:
             return
         lag = 0
