@@ -713,7 +713,8 @@ class Bridge:
             "failed": cfg.kafka.failed_topic,
             "timeout": cfg.kafka.timeout_topic or cfg.kafka.failed_topic,
         }[kind]
-        record = ev.event_record(topic, event, task.headers)
+        mode = cfg.events.mode
+        record = ev.event_record(topic, event, task.headers, mode)
 
         def reduced() -> ev.OutputRecord:
             # Too large for the producer: the same event without what came from the input.
@@ -722,7 +723,7 @@ class Bridge:
                 "metadata": None,
                 "input": {**event["data"]["input"], "key": None},
             }
-            return ev.event_record(topic, {**event, "data": data}, ())
+            return ev.event_record(topic, {**event, "data": data}, (), mode)
 
         log.info(
             "task finished",

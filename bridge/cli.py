@@ -61,12 +61,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+EVENT_MODES = {
+    "structured": "each record's value is the whole CloudEvent as JSON,"
+    " content-type application/cloudevents+json",
+    "binary": "attributes in ce_* headers, content-type application/json,"
+    " the event's data as the value",
+}
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     print(
         f"{args.config}: ok (input {config.kafka.input_topic!r}, group {config.kafka.group_id!r},"
         f" policy {config.polling.policy})"
     )
+    mode = config.events.mode
+    print(f"  events: CloudEvents Kafka binding, {mode} mode: {EVENT_MODES[mode]}")
     return 0
 
 

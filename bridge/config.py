@@ -137,6 +137,9 @@ class LoggingConfig:
 @dataclass(frozen=True, slots=True)
 class EventsConfig:
     source: str = "urn:wavespeed-bridge"
+    # CloudEvents Kafka binding content mode: one JSON object per record, or ce_* headers
+    # with the data as the value (what Knative's Kafka source and sink also accept).
+    mode: Literal["structured", "binary"] = "structured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +369,8 @@ def _check(config: Config, problems: list[str]) -> None:
         problems.append(f"api.base_url: must start with http:// or https://, got {a.base_url!r}")
     if a.result_path.count("{id}") != 1 or not a.result_path.startswith("/"):
         problems.append("api.result_path: must start with / and contain {id} exactly once")
+    if not config.events.source:
+        problems.append("events.source: must not be empty (CloudEvents requires a source)")
     if not (0 < config.server.port < 65536):
         problems.append(f"server.port: must be in 1..65535, got {config.server.port}")
     sasl = k.security_protocol.startswith("SASL")

@@ -1,6 +1,10 @@
-"""Output events (CloudEvents 1.0, structured JSON) and dead-letter records. Pure.
+"""Output events (CloudEvents 1.0 over the Kafka protocol binding) and dead-letter records. Pure.
 
-The schema of the event is ``bridge/schemas/event.schema.json``.
+Two content modes of the binding: ``structured`` (the whole event as one JSON object,
+``content-type: application/cloudevents+json``) and ``binary`` (attributes as ``ce_*``
+headers, ``content-type: application/json``, the event's ``data`` as the value). The schema
+of the structured event is ``bridge/schemas/event.schema.json``; in binary mode the value
+follows its ``data`` part.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from bridge.api import FAILED_STATUSES, Prediction
 from bridge.messages import Headers, safe_text
 
 EventType = Literal["completed", "failed", "timeout"]
+EventMode = Literal["structured", "binary"]
 TYPE_PREFIX = "ai.wavespeed.prediction."
 CONTENT_TYPE = b"application/cloudevents+json; charset=utf-8"
+DATA_CONTENT_TYPE = "application/json"
+# Context attributes written as ce_* headers in binary mode (datacontenttype is content-type).
+_BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +120,7 @@ def build_event(
         "type": event_type,
         "subject": task_id,
         "time": rfc3339(observed_at),
-        "datacontenttype": "application/json",
+        "datacontenttype": DATA_CONTENT_TYPE,
         "data": data,
     }
 
@@ -151,17 +159,24 @@ def _binding_header(name: str) -> bool:
     return lower.startswith("ce_") or lower == "content-type"
 
 
-def event_record(topic: str, event: dict[str, Any], headers: Headers) -> OutputRecord:
+def event_record(
+    topic: str, event: dict[str, Any], headers: Headers, mode: EventMode = "structured"
+) -> OutputRecord:
     """The Kafka record for ``event``, carrying the input's headers.
 
     Input headers the binding reads are dropped whatever their case: a ``ce_*`` header next
-    to a structured event makes SDKs read it as binary mode.
+    to a structured event makes SDKs read it as binary mode, and in binary mode it would
+    override one of this event's attributes.
     """
     carried: list[tuple[str, bytes | None]] = [(k, v) for k, v in headers if not _binding_header(k)]
+    key = event["subject"].encode("utf-8")
+    if mode == "binary":
+        for name in _BINARY_ATTRIBUTES:
+            carried.append((f"ce_{name}", str(event[name]).encode("utf-8")))
+        carried.append(("content-type", event["datacontenttype"].encode("utf-8")))
+        return OutputRecord(topic=topic, key=key, value=encode(event["data"]), headers=carried)
     carried.append(("content-type", CONTENT_TYPE))
-    return OutputRecord(
-        topic=topic, key=event["subject"].encode("utf-8"), value=encode(event), headers=carried
-    )
+    return OutputRecord(topic=topic, key=key, value=encode(event), headers=carried)
 
 
 def dead_letter_record(

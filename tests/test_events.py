@@ -9,9 +9,10 @@ import jsonschema
 import pytest
 from aiokafka import ConsumerRecord
 from cloudevents.core.bindings import kafka
+from cloudevents.v1 import kafka as v1_kafka
 
 from bridge.api import Prediction
-from bridge.events import CONTENT_TYPE, build_event, dead_letter_record, event_record
+from bridge.events import CONTENT_TYPE, OutputRecord, build_event, dead_letter_record, event_record
 from bridge.kafka import to_record
 
 SCHEMA = Path(__file__).resolve().parents[1] / "bridge" / "schemas" / "event.schema.json"
@@ -132,6 +133,9 @@ INPUT_HEADERS: tuple[tuple[str, bytes | None], ...] = (
     ("raw", b"\xff\xfe"),
 )
 CARRIED = [("trace", b"abc"), ("nothing", None), ("raw", b"\xff\xfe")]
+# The SDKs decode every header of a binary-mode record (2.x) or of any record (1.x's
+# structured parser) as UTF-8: a header that is not makes them fail, whatever the bridge does.
+UTF8_INPUT = INPUT_HEADERS[:-1]
 
 
 def _sdk_headers(headers: list[tuple[str, bytes | None]]) -> dict[str, bytes]:
@@ -150,6 +154,72 @@ def test_structured_record_drops_every_binding_header_of_the_input() -> None:
     parsed = kafka.from_kafka_event(message)
     assert parsed.get_id() == "e-1" and parsed.get_type() == event["type"]
     assert parsed.get_source() == "urn:test" and parsed.get_data() == event["data"]
+
+
+def test_binary_record_puts_attributes_in_headers_and_data_in_the_value() -> None:
+    event = _event()
+    rec = event_record("out", event, UTF8_INPUT, "binary")
+    assert rec.key == b"pred_1"
+    assert rec.headers == [
+        *CARRIED[:-1],
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"e-1"),
+        ("ce_source", b"urn:test"),
+        ("ce_type", b"ai.wavespeed.prediction.completed"),
+        ("ce_subject", b"pred_1"),
+        ("ce_time", b"2024-01-01T12:00:03.500Z"),
+        ("content-type", b"application/json"),
+    ]
+    assert rec.value is not None and json.loads(rec.value) == event["data"]
+    message = kafka.KafkaMessage(headers=_sdk_headers(rec.headers), key=rec.key, value=rec.value)
+    for parsed in (kafka.from_kafka_event(message), kafka.from_binary_event(message)):
+        assert parsed.get_id() == "e-1" and parsed.get_subject() == "pred_1"
+        assert parsed.get_type() == event["type"] and parsed.get_source() == "urn:test"
+        assert parsed.get_datacontenttype() == "application/json"
+        assert parsed.get_data() == event["data"]
+    # The 1.x API (cloudevents.kafka in 1.13, cloudevents.v1.kafka in 2.x) agrees.
+    legacy = v1_kafka.from_binary(
+        v1_kafka.KafkaMessage(_sdk_headers(rec.headers), rec.key, rec.value)
+    )
+    assert legacy["id"] == "e-1" and legacy["type"] == event["type"]
+    assert legacy.get_data() == event["data"]
+
+
+def test_both_modes_carry_the_same_attributes() -> None:
+    event = _event(kind="failed", prediction=None, reason="unknown or expired task (HTTP 404)")
+    structured = event_record("out", event, ())
+    binary = event_record("out", event, (), "binary")
+    fields = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype")
+
+    def attributes(rec: OutputRecord) -> dict[str, Any]:
+        assert rec.value is not None
+        message = kafka.KafkaMessage(
+            headers=_sdk_headers(rec.headers), key=rec.key, value=rec.value
+        )
+        parsed = kafka.from_kafka_event(message).get_attributes()
+        time = parsed["time"]
+        parsed["time"] = time.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {k: parsed[k] for k in fields}
+
+    assert attributes(structured) == attributes(binary) == {k: event[k] for k in fields}
+
+
+def test_event_id_is_a_name_based_uuid_of_source_task_and_type() -> None:
+    args: dict[str, Any] = {"event_id": None}
+    first = _event(**args)
+    again = _event(**args, observed_at=1704110999.0, polls=9, origins=[("in", 0, 7)])
+    assert first["id"] == again["id"]  # a re-published outcome is a duplicate by id
+    assert first["id"] == str(
+        uuid.uuid5(uuid.NAMESPACE_URL, "urn:test#pred_1#ai.wavespeed.prediction.completed")
+    )
+    assert uuid.UUID(first["id"]).version == 5
+    others = {
+        _event(**args, kind="failed")["id"],
+        _event(**args, kind="timeout")["id"],
+        _event(**args, task_id="pred_2")["id"],
+        _event(**args, source="urn:other")["id"],
+    }
+    assert len(others) == 4 and first["id"] not in others
 
 
 def test_null_header_values_are_carried_as_null() -> None:
@@ -187,24 +257,6 @@ def test_to_record_keeps_null_header_values() -> None:
     rec = to_record(msg)
     assert rec.headers == (("a", None), ("b", b""), ("c", b"\xff"))
     assert rec.timestamp_ms == 1704110400000 and rec.key == b"k"
-
-
-def test_event_id_is_a_name_based_uuid_of_source_task_and_type() -> None:
-    args: dict[str, Any] = {"event_id": None}
-    first = _event(**args)
-    again = _event(**args, observed_at=1704110999.0, polls=9, origins=[("in", 0, 7)])
-    assert first["id"] == again["id"]  # a re-published outcome is a duplicate by id
-    assert first["id"] == str(
-        uuid.uuid5(uuid.NAMESPACE_URL, "urn:test#pred_1#ai.wavespeed.prediction.completed")
-    )
-    assert uuid.UUID(first["id"]).version == 5
-    others = {
-        _event(**args, kind="failed")["id"],
-        _event(**args, kind="timeout")["id"],
-        _event(**args, task_id="pred_2")["id"],
-        _event(**args, source="urn:other")["id"],
-    }
-    assert len(others) == 4 and first["id"] not in others
 
 
 @pytest.mark.parametrize("status", ["failed", "cancelled", "timeout", "deleted"])
