@@ -7,6 +7,7 @@ network or the server does.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 from dataclasses import dataclass, field
@@ -38,6 +39,15 @@ class Kind(enum.Enum):
 
 
 TERMINAL = frozenset({Kind.COMPLETED, Kind.FAILED, Kind.NOT_FOUND})
+
+# Statuses the official SDKs (Python ``wavespeed`` 2.0.5, JavaScript) end a wait on as a
+# failure; the seed page documents only "failed". The error text when the API gives none:
+FAILED_STATUSES: dict[str, str] = {
+    "failed": "failed",
+    "cancelled": "the API reports the task was cancelled",
+    "timeout": "the API reports the task timed out",
+    "deleted": "the API reports the task was deleted",
+}
 
 
 @dataclass(slots=True)
@@ -155,8 +165,9 @@ def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Ou
     status = prediction.status
     if status == "completed":
         return Outcome(Kind.COMPLETED, code, prediction)
-    if status == "failed":
-        return Outcome(Kind.FAILED, code, prediction, reason=prediction.error or "failed")
+    failure = FAILED_STATUSES.get(status) if status is not None else None
+    if failure is not None:
+        return Outcome(Kind.FAILED, code, prediction, reason=prediction.error or failure)
     if status in ("created", "processing"):
         return Outcome(Kind.PENDING, code, prediction)
     # Undocumented status: keep polling until the deadline rather than invent an outcome.
@@ -182,6 +193,7 @@ class ApiClient:
         api_key: str | None,
         connect_timeout_s: float,
         read_timeout_s: float,
+        total_timeout_s: float | None = None,
         max_connections: int,
         max_response_bytes: int,
         verify_tls: bool = True,
@@ -202,6 +214,8 @@ class ApiClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
+        # The read timeout restarts with every chunk: only a total limit ends a trickle.
+        self._total_timeout_s = total_timeout_s or connect_timeout_s + read_timeout_s
         self._max_connections = max_connections
         self._verify_tls = verify_tls
         self._session: aiohttp.ClientSession | None = None  # made in the running loop
@@ -221,16 +235,25 @@ class ApiClient:
                 ),
             )
 
-    async def fetch(self, task_id: str, now: float) -> Outcome:
+    async def fetch(self, task_id: str, now: float, limit_s: float | None = None) -> Outcome:
+        """GET the task's result within ``api.total_timeout_s``, or ``limit_s`` if shorter
+        (the caller's deadline), from connecting to the last byte."""
         try:
             path = task_path(self._path, task_id)
         except ValueError as exc:  # a bad id; the parser should have refused it
             return Outcome(Kind.NOT_FOUND, reason=f"invalid task id ({exc})")
+        limit = self._total_timeout_s if limit_s is None else min(limit_s, self._total_timeout_s)
+        total = asyncio.timeout(max(0.0, limit))
         try:
-            if self._client is not None:
-                return await self._fetch_httpx(path, now)
-            return await self._fetch_aiohttp(path, now)
+            async with total:
+                if self._client is not None:
+                    return await self._fetch_httpx(path, now)
+                return await self._fetch_aiohttp(path, now)
         except (TimeoutError, httpx.TimeoutException) as exc:
+            if total.expired():
+                return Outcome(
+                    Kind.TRANSIENT, reason=f"timeout (no complete response within {limit:.3g}s)"
+                )
             return Outcome(Kind.TRANSIENT, reason=f"timeout ({type(exc).__name__})")
         except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
             return Outcome(Kind.TRANSIENT, reason=f"network error ({type(exc).__name__})")

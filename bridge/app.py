@@ -24,10 +24,17 @@ from bridge import kafka as kafka_io
 from bridge.api import TERMINAL, ApiClient, Kind, Outcome, status_class
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config
-from bridge.messages import Record, Rejected, parse_task
+from bridge.messages import Headers, Record, Rejected, parse_task
 from bridge.metrics import Metrics
 from bridge.offsets import OffsetTracker
-from bridge.policy import FixedInterval, PollPolicy, clamp_to_deadline, retry_delay
+from bridge.policy import (
+    FixedInterval,
+    PollPolicy,
+    clamp_to_deadline,
+    overdue,
+    request_limit,
+    retry_delay,
+)
 from bridge.scheduler import Scheduler, TokenBucket
 from bridge.server import HealthServer
 from bridge.tasks import Task
@@ -35,7 +42,8 @@ from bridge.tasks import Task
 log = structlog.get_logger("wavespeed_bridge")
 
 Partition = tuple[str, int]
-Headers = tuple[tuple[str, bytes], ...]
+# How often waiting polls are checked for passed deadlines (Bridge._expire_overdue).
+SWEEP_INTERVAL_S = 0.25
 
 
 def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:
@@ -74,6 +82,7 @@ class Bridge:
             api_key=api_key,
             connect_timeout_s=a.connect_timeout_s,
             read_timeout_s=a.read_timeout_s,
+            total_timeout_s=a.total_timeout_s,
             max_connections=a.max_concurrent_requests,
             max_response_bytes=a.max_response_bytes,
             verify_tls=a.verify_tls,
@@ -108,6 +117,7 @@ class Bridge:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._pause_logged_until = 0.0
+        self._sweep_at = 0.0
         self.server = HealthServer(
             host=config.server.host,
             port=config.server.port,
@@ -619,18 +629,38 @@ class Bridge:
                 poll = asyncio.create_task(self._poll(task))
                 self._polls.add(poll)
                 poll.add_done_callback(self._polls.discard)
+            waiting = self._expire_overdue(now)
+            sweep = SWEEP_INTERVAL_S if waiting else None
             if self._requests >= limit:
-                await self._sleep(None)  # a finishing request wakes us
+                await self._sleep(sweep)  # a finishing request wakes us
                 continue
             at = scheduler.next_wakeup(self.clock.monotonic())
+            if at is not None and sweep is not None:
+                at = min(at, self.clock.monotonic() + sweep)
             await self._sleep(None if at is None else at - self.clock.monotonic())
+
+    def _expire_overdue(self, now: float) -> bool:
+        """Time out the tasks whose deadline passed while their poll waits for a request
+        slot, the budget or the end of a pause: the deadline does not wait for the API.
+        True while polls are waiting or may fall due in a pause (the dispatch loop then wakes
+        every SWEEP_INTERVAL_S); walks the waiting ones at most that often."""
+        if self.scheduler.ready_count(now) == 0:
+            return now < self.scheduler.paused_until
+        if now >= self._sweep_at:
+            self._sweep_at = now + SWEEP_INTERVAL_S
+            for task_id in self.scheduler.waiting():
+                task = self.tasks.get(task_id)
+                if task is not None and overdue(task, now):
+                    self._finish(task, "timeout", self._timeout_reason(task), now)
+        return True
 
     async def _poll(self, task: Task) -> None:
         m = self.metrics
         started = self.clock.monotonic()
         m.requests_in_flight.inc()
         try:
-            outcome = await self.api.fetch(task.task_id, self.clock.time())
+            limit = request_limit(task, started)
+            outcome = await self.api.fetch(task.task_id, self.clock.time(), limit)
         finally:
             self._requests -= 1
             m.requests_in_flight.dec()
@@ -755,7 +785,8 @@ class Bridge:
             "failed": cfg.kafka.failed_topic,
             "timeout": cfg.kafka.timeout_topic or cfg.kafka.failed_topic,
         }[kind]
-        record = ev.event_record(topic, event, task.headers)
+        mode = cfg.events.mode
+        record = ev.event_record(topic, event, task.headers, mode)
 
         def reduced() -> ev.OutputRecord:
             # Too large for the producer: the same event without what came from the input.
@@ -764,7 +795,7 @@ class Bridge:
                 "metadata": None,
                 "input": {**event["data"]["input"], "key": None},
             }
-            return ev.event_record(topic, {**event, "data": data}, ())
+            return ev.event_record(topic, {**event, "data": data}, (), mode)
 
         log.info(
             "task finished",
@@ -859,8 +890,8 @@ class Bridge:
         if stats is not None:
             for model, (median, p90) in stats().items():
                 label = m.model_label(model)
-                m.model_completion.labels(label, "0.5").set(median)
-                m.model_completion.labels(label, "0.9").set(p90)
+                m.model_completion.labels(label, "50").set(median)
+                m.model_completion.labels(label, "90").set(p90)
         if consumer is None:
             return
         lag = 0

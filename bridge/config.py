@@ -72,6 +72,8 @@ class ApiConfig:
     api_key_env: str = "WAVESPEED_API_KEY"
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
+    # Whole request, connect to last byte: the read timeout restarts with every chunk.
+    total_timeout_s: float = 15.0
     max_concurrent_requests: int = 100
     max_response_bytes: int = 1_048_576
     verify_tls: bool = True
@@ -137,6 +139,9 @@ class LoggingConfig:
 @dataclass(frozen=True, slots=True)
 class EventsConfig:
     source: str = "urn:wavespeed-bridge"
+    # CloudEvents Kafka binding content mode: one JSON object per record, or ce_* headers
+    # with the data as the value (what Knative's Kafka source and sink also accept).
+    mode: Literal["structured", "binary"] = "structured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +339,7 @@ def _check(config: Config, problems: list[str]) -> None:
         ("kafka.health_check_interval_s", k.health_check_interval_s),
         ("api.connect_timeout_s", a.connect_timeout_s),
         ("api.read_timeout_s", a.read_timeout_s),
+        ("api.total_timeout_s", a.total_timeout_s),
         ("api.max_concurrent_requests", a.max_concurrent_requests),
         ("api.max_response_bytes", a.max_response_bytes),
         ("polling.interval_s", p.interval_s),
@@ -365,6 +371,8 @@ def _check(config: Config, problems: list[str]) -> None:
         problems.append(f"api.base_url: must start with http:// or https://, got {a.base_url!r}")
     if a.result_path.count("{id}") != 1 or not a.result_path.startswith("/"):
         problems.append("api.result_path: must start with / and contain {id} exactly once")
+    if not config.events.source:
+        problems.append("events.source: must not be empty (CloudEvents requires a source)")
     if not (0 < config.server.port < 65536):
         problems.append(f"server.port: must be in 1..65535, got {config.server.port}")
     sasl = k.security_protocol.startswith("SASL")
@@ -422,6 +430,16 @@ def explain(config: Config) -> list[str]:
             "producer   not idempotent, acks=all (kafka.enable_idempotence: false): a send"
             " retried after a lost acknowledgement may be written twice; only for brokers"
             " without InitProducerId (Tansu)"
+        )
+    if config.events.mode == "structured":
+        lines.append(
+            "events     CloudEvents Kafka binding, structured mode: each record's value is the"
+            " whole CloudEvent as JSON, content-type application/cloudevents+json (events.mode)"
+        )
+    else:
+        lines.append(
+            "events     CloudEvents Kafka binding, binary mode: attributes in ce_* headers,"
+            " content-type application/json, the event's data as the value (events.mode)"
         )
     codecs = ", ".join(sorted(available_codecs()))
     lines.append(

@@ -1,6 +1,10 @@
-"""Output events (CloudEvents 1.0, structured JSON) and dead-letter records. Pure.
+"""Output events (CloudEvents 1.0 over the Kafka protocol binding) and dead-letter records. Pure.
 
-The schema of the event is ``bridge/schemas/event.schema.json``.
+Two content modes of the binding: ``structured`` (the whole event as one JSON object,
+``content-type: application/cloudevents+json``) and ``binary`` (attributes as ``ce_*``
+headers, ``content-type: application/json``, the event's ``data`` as the value). The schema
+of the structured event is ``bridge/schemas/event.schema.json``; in binary mode the value
+follows its ``data`` part.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from bridge.api import Prediction
-from bridge.messages import safe_text
+from bridge.api import FAILED_STATUSES, Prediction
+from bridge.messages import Headers, safe_text
 
 EventType = Literal["completed", "failed", "timeout"]
+EventMode = Literal["structured", "binary"]
 TYPE_PREFIX = "ai.wavespeed.prediction."
 CONTENT_TYPE = b"application/cloudevents+json; charset=utf-8"
-
-# Headers the bridge sets itself; copies arriving on the input are not carried over.
-_OWN_HEADERS = frozenset({"content-type", "ce_id", "ce_type"})
+DATA_CONTENT_TYPE = "application/json"
+# Context attributes written as ce_* headers in binary mode (datacontenttype is content-type).
+_BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +34,14 @@ class OutputRecord:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
+
+
+def outcome_id(source: str, task_id: str, event_type: str) -> str:
+    """The same for every event reporting this task's outcome: a re-published event is a
+    duplicate by CloudEvents' rule (same ``source`` + ``id``). Task ids and types hold no
+    ``#``, so the name is unambiguous whatever the source."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{task_id}#{event_type}"))
 
 
 # The range RFC 3339 (four-digit years) and ``datetime`` can write.
@@ -81,10 +93,12 @@ def build_event(
 ) -> dict[str, Any]:
     """The CloudEvent for a task that reached ``kind``; ``*_at`` are unix seconds."""
     p = prediction or Prediction()
+    # A failure keeps the status the API reported (cancelled, timeout, deleted, failed).
+    status = p.status if kind == "failed" and p.status in FAILED_STATUSES else kind
     data: dict[str, Any] = {
         "task_id": task_id,
         "model": p.model or model,
-        "status": kind,
+        "status": status,
         "outputs": p.outputs if kind == "completed" else [],
         "error": None if kind == "completed" else (p.error or reason or kind),
         "inference_time_s": p.inference_ms / 1000.0 if p.inference_ms is not None else None,
@@ -98,14 +112,15 @@ def build_event(
             "records": [{"topic": t, "partition": pa, "offset": o} for t, pa, o in origins],
         },
     }
+    event_type = TYPE_PREFIX + kind
     return {
         "specversion": "1.0",
-        "id": event_id or str(uuid.uuid4()),
+        "id": event_id or outcome_id(source, task_id, event_type),
         "source": source,
-        "type": TYPE_PREFIX + kind,
+        "type": event_type,
         "subject": task_id,
         "time": rfc3339(observed_at),
-        "datacontenttype": "application/json",
+        "datacontenttype": DATA_CONTENT_TYPE,
         "data": data,
     }
 
@@ -138,14 +153,30 @@ def _strict(value: Any, depth: int) -> Any:
     return value
 
 
+def _binding_header(name: str) -> bool:
+    """Headers the CloudEvents Kafka binding reads: ``ce_*`` attributes and content-type."""
+    lower = name.lower()
+    return lower.startswith("ce_") or lower == "content-type"
+
+
 def event_record(
-    topic: str, event: dict[str, Any], headers: tuple[tuple[str, bytes], ...]
+    topic: str, event: dict[str, Any], headers: Headers, mode: EventMode = "structured"
 ) -> OutputRecord:
-    carried = [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
+    """The Kafka record for ``event``, carrying the input's headers.
+
+    Input headers the binding reads are dropped whatever their case: a ``ce_*`` header next
+    to a structured event makes SDKs read it as binary mode, and in binary mode it would
+    override one of this event's attributes.
+    """
+    carried: list[tuple[str, bytes | None]] = [(k, v) for k, v in headers if not _binding_header(k)]
+    key = event["subject"].encode("utf-8")
+    if mode == "binary":
+        for name in _BINARY_ATTRIBUTES:
+            carried.append((f"ce_{name}", str(event[name]).encode("utf-8")))
+        carried.append(("content-type", event["datacontenttype"].encode("utf-8")))
+        return OutputRecord(topic=topic, key=key, value=encode(event["data"]), headers=carried)
     carried.append(("content-type", CONTENT_TYPE))
-    return OutputRecord(
-        topic=topic, key=event["subject"].encode("utf-8"), value=encode(event), headers=carried
-    )
+    return OutputRecord(topic=topic, key=key, value=encode(event), headers=carried)
 
 
 def dead_letter_record(
@@ -156,7 +187,7 @@ def dead_letter_record(
     offset: int,
     key: bytes | None,
     value: bytes | None,
-    headers: tuple[tuple[str, bytes], ...],
+    headers: Headers,
     reason: str,
     detail: str,
     max_value_bytes: int,

@@ -156,7 +156,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def to_record(msg: ConsumerRecord[bytes, bytes]) -> Record:
-    headers = tuple((k, v if v is not None else b"") for k, v in (msg.headers or ()))
+    headers = tuple(msg.headers or ())  # a null value stays None: carried unaltered
     return Record(
         topic=msg.topic,
         partition=msg.partition,

@@ -25,6 +25,10 @@ _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _MAX_MODEL_LENGTH = 200
 
 
+# Kafka header values may be null (librdkafka and aiokafka keep None); carried as they came.
+Headers = tuple[tuple[str, bytes | None], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """A consumed Kafka record, reduced to what the bridge needs."""
@@ -34,7 +38,7 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    headers: Headers
     timestamp_ms: int | None
 
 

@@ -135,9 +135,10 @@ class Metrics:
         )
         self.model_completion = Gauge(
             f"{p}_model_completion_seconds",
-            "Learned time from created_at to completion, by model and quantile (adaptive "
-            "policy; models with at least one completion).",
-            ["model", "quantile"],
+            "Learned time from created_at to completion, by model and percentile (50: median, "
+            "90; adaptive policy; models with at least one completion).",
+            # Not "quantile": Prometheus reserves that label for summaries (promtool rejects it).
+            ["model", "percentile"],
             registry=r,
         )
         self.poll_lateness = Histogram(

@@ -31,6 +31,31 @@ def clamp_to_deadline(task: Task, at: float, now: float) -> float:
     return max(now, min(at, task.deadline))
 
 
+# How far past its deadline a task's timeout event may come, whatever the API does.
+DEADLINE_GRACE_S = 0.5
+
+
+def owed_a_poll(task: Task) -> bool:
+    """A task consumed after its deadline (a backlog) that was never polled: it gets one
+    real poll, so that a backlog still reports what became of its tasks."""
+    return task.polls == 0 and task.created + task.timeout_s <= task.first_seen
+
+
+def request_limit(task: Task, now: float) -> float | None:
+    """How long a poll sent at ``now`` may take: it ends by the deadline plus the grace, so
+    a stalled or trickling API cannot hold the timeout event. None (only the client's own
+    total limit) for a backlog task's one owed poll."""
+    if owed_a_poll(task):
+        return None
+    return max(0.1, task.deadline + DEADLINE_GRACE_S - now)
+
+
+def overdue(task: Task, now: float) -> bool:
+    """Whether a task whose poll is waiting (for a request slot, the budget or the end of a
+    pause) should time out now instead of waiting on."""
+    return now >= task.deadline + DEADLINE_GRACE_S and not owed_a_poll(task)
+
+
 def retry_delay(failures: int, base: float, cap: float, rng: random.Random) -> float:
     """Capped exponential backoff with full jitter, floored so a retry is never a hot loop."""
     ceiling = min(cap, base * (2 ** min(failures, 30)))

@@ -120,6 +120,10 @@ class Scheduler(Generic[K]):
             heapq.heappush(self._ready, (-score, seq, key, when))
             self._in_ready.add(key)
 
+    def waiting(self) -> list[K]:
+        """Keys due and not yet taken: held by the request limit, the budget or a pause."""
+        return list(self._in_ready)
+
     def take(self, now: float, limit: int) -> list[K]:
         """Up to ``limit`` due keys, best first, within the budget and outside a pause."""
         return [key for key, _ in self.take_due(now, limit)]

@@ -3,10 +3,16 @@
 What it does, as the real API does (``shared/wavespeed-api.md``):
 
 - ``POST /api/v3/{model-id}`` creates a task and answers with the envelope, ``status:
-  created`` and ``urls.get``;
+  created`` and ``urls.get``; with ``"enable_sync_mode": true`` it answers once the task
+  is finished (or, after ``sync_timeout_s``, with the ``code: 5004`` "Sync mode timed out"
+  data the official SDKs recognise);
 - ``GET /api/v3/predictions/{id}`` and ``.../{id}/result`` return the task's state;
+- ``POST /api/v3/media/uploads`` returns an upload ticket (a ``PUT`` URL on the simulator
+  and a ``download_url``), as the official SDK's ``upload()`` expects;
 - ``Authorization: Bearer <key>`` is checked (401 without, 403 for a wrong key);
-- unknown ids are 404; tasks are ``created`` → ``processing`` → ``completed``/``failed``.
+- unknown ids are 404; tasks are ``created`` → ``processing`` → one terminal status:
+  ``completed``, ``failed``, or the ``cancelled``, ``timeout`` and ``deleted`` the official
+  SDKs also end on (chosen per task with ``outcome``).
 
 For tests and benchmarks it also has, per model, a lognormal completion-time
 distribution and failure rate; global fault injection (429s with ``Retry-After``, 5xx,
@@ -25,6 +31,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -41,9 +48,14 @@ BEHAVIOURS = (
     "redirect",  # 302 to another host
     "html",  # a proxy's HTML error page with 200
     "html_502",  # a proxy's HTML error page with 502
-    "garbage",  # a broken proxy: an invalid status line echoing the request's credentials
+    "garbage",  # a broken proxy: an invalid status line
     "huge_chunked",  # 50 MB like huge_body, but chunked: no Content-Length to refuse it by
+    "trickle",  # a valid body behind 10 kB of padding, one byte every trickle_interval_s
 )
+# Terminal statuses a task can end in (see shared/wavespeed-api.md).
+OUTCOMES = ("completed", "failed", "cancelled", "timeout", "deleted")
+# Model routes that are API endpoints, not models.
+_NOT_MODELS = ("media/", "predictions/", "webhook/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +81,7 @@ class SimTask:
     created: float  # monotonic
     duration_s: float
     queue_s: float
-    outcome: str  # completed | failed
+    outcome: str  # one of OUTCOMES
     error: str | None
     behaviour: str = "normal"
     polls: int = 0
@@ -116,6 +128,10 @@ class Simulator:
         self.redirect_base = "http://169.254.169.254"
         # Bytes of each finished "huge_body" response written before the client went away.
         self.huge_body_writes: list[int] = []
+        self.trickle_interval_s = 0.2
+        # A sync-mode submit waits at most this long for its task, then says it timed out.
+        self.sync_timeout_s = 60.0
+        self.uploads: dict[str, bytes] = {}  # upload token -> content PUT there
         self._limiter: TokenBucket | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -128,9 +144,12 @@ class Simulator:
         app.router.add_post("/_sim/tasks", self._sim_create)
         app.router.add_post("/_sim/faults", self._sim_faults)
         app.router.add_get("/_sim/stats", self._sim_stats)
+        app.router.add_put("/_sim/uploads/{token}", self._sim_upload_put)
+        app.router.add_get("/_sim/uploads/{token}/{name}", self._sim_upload_get)
         app.router.add_get("/api/v3/predictions/{id}", self._get)
         app.router.add_get("/api/v3/predictions/{id}/result", self._get)
-        app.router.add_post("/api/v3/{model:.+}", self._submit)
+        app.router.add_post("/api/v3/media/uploads", self._upload_ticket)
+        app.router.add_post("/api/v3/{model:.+}", self._submit)  # last: it matches any path
         return app
 
     async def start(self) -> None:
@@ -182,6 +201,8 @@ class Simulator:
             duration_s = prof.median_s * math.exp(self.rng.gauss(0.0, prof.sigma))
         if outcome is None:
             outcome = "failed" if self.rng.random() < prof.failure_rate else "completed"
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; one of {', '.join(OUTCOMES)}")
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}")
         now, wall = time.monotonic(), time.time()
@@ -214,9 +235,10 @@ class Simulator:
             data["status"] = "created"
         elif elapsed < task.duration_s:
             data["status"] = "processing"
-        elif task.outcome == "failed":
-            data["status"] = "failed"
-            data["error"] = task.error
+        elif task.outcome != "completed":
+            data["status"] = task.outcome
+            if task.error is not None:
+                data["error"] = task.error
         else:
             data["status"] = "completed"
             data["outputs"] = [f"https://cdn.example.invalid/generated/{task.id}.png"]
@@ -276,7 +298,7 @@ class Simulator:
         if self.record_poll_times:
             task.poll_times.append(now)
         data = self.view(task, now)
-        if data["status"] in ("completed", "failed") and task.first_terminal_poll is None:
+        if data["status"] in OUTCOMES and task.first_terminal_poll is None:
             task.first_terminal_poll = now
         if task.behaviour != "normal":
             return self._count(await self._hostile(request, task, data))
@@ -307,11 +329,12 @@ class Simulator:
         if b == "redirect":
             raise web.HTTPFound(f"{self.redirect_base}/api/v3/predictions/{task.id}")
         if b == "garbage":
-            auth = request.headers.get("Authorization", "").encode("latin-1", "replace")
             if request.transport is not None:
-                request.transport.write(b"HTTP/1.1 2x0 proxy error; you sent " + auth + b"\r\n\r\n")
+                request.transport.write(b"HTTP/1.1 2x0 proxy error\r\n\r\n")
                 request.transport.close()
             return web.Response()  # never reaches the client: the connection is gone
+        if b == "trickle":
+            return await self._trickle(request, data)
         if b in ("huge_body", "huge_chunked"):
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             if b == "huge_body":
@@ -340,10 +363,31 @@ class Simulator:
             await asyncio.sleep(0.1)
         return resp
 
+    async def _trickle(self, request: web.Request, data: dict[str, Any]) -> web.StreamResponse:
+        """Every byte arrives within any read timeout; the whole body takes half an hour."""
+        body = (
+            b" " * 10_000 + json.dumps({"code": 200, "message": "success", "data": data}).encode()
+        )
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        try:
+            for i in range(len(body)):
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await resp.write(body[i : i + 1])
+                await asyncio.sleep(self.trickle_interval_s)
+        except (ConnectionError, RuntimeError):
+            pass  # the client gave up, as it should
+        return resp
+
     async def _submit(self, request: web.Request) -> web.StreamResponse:
         refused = self._gate(request)
         if refused is not None:
             return self._count(refused)
+        model = request.match_info["model"]
+        if model.startswith(_NOT_MODELS):
+            return self._count(self._envelope(404, f"no such endpoint: /api/v3/{model}"))
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
@@ -353,10 +397,68 @@ class Simulator:
         raw = body.get("_sim")
         sim: dict[str, Any] = raw if isinstance(raw, dict) else {}
         try:
-            task = self._create_from(request.match_info["model"], sim)
+            task = self._create_from(model, sim)
         except (ValueError, TypeError) as exc:
             return self._count(self._envelope(400, str(exc)))
+        if body.get("enable_sync_mode") is True:
+            return self._count(self._envelope(200, "success", await self._sync_result(task)))
         return self._count(self._envelope(200, "success", self.view(task, time.monotonic())))
+
+    async def _sync_result(self, task: SimTask) -> dict[str, Any]:
+        """Sync mode: the task's data once it is finished, or the sync-timeout answer."""
+        until = time.monotonic() + self.sync_timeout_s
+        while True:
+            now = time.monotonic()
+            data = self.view(task, now)
+            if data["status"] in OUTCOMES:
+                return data
+            if now >= until:
+                return {
+                    **data,
+                    "status": "processing",
+                    "code": 5004,
+                    "error": "Sync mode timed out; the task is still running",
+                }
+            await asyncio.sleep(min(0.05, max(0.0, until - now)))
+
+    async def _upload_ticket(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/v3/media/uploads``: where to PUT the file, and its download URL."""
+        refused = self._gate(request)
+        if refused is not None:
+            return self._count(refused)
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        name = body.get("filename") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name or "/" in name:
+            return self._count(self._envelope(400, "'filename' must be a file name"))
+        token = secrets.token_hex(16)
+        content_type = body.get("content_type") if isinstance(body, dict) else None
+        put_headers = {"Content-Type": content_type} if isinstance(content_type, str) else {}
+        ticket = {
+            "upload": {
+                "method": "PUT",
+                "url": f"{self.base_url}/_sim/uploads/{token}",
+                "headers": put_headers,
+            },
+            "download_url": f"{self.base_url}/_sim/uploads/{token}/{quote(name)}",
+        }
+        self.uploads[token] = b""
+        return self._count(self._envelope(200, "success", ticket))
+
+    async def _sim_upload_put(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        if token not in self.uploads:
+            return web.Response(status=403, text="no such upload ticket")
+        self.uploads[token] = await request.read()
+        return web.Response(status=200)
+
+    async def _sim_upload_get(self, request: web.Request) -> web.StreamResponse:
+        content = self.uploads.get(request.match_info["token"])
+        if content is None:
+            return web.Response(status=404)
+        return web.Response(body=content)
 
     def _create_from(self, model: str, sim: dict[str, Any]) -> SimTask:
         duration = sim.get("duration_s")

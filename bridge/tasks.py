@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.messages import Headers
+
 
 class Task:
     """One prediction being polled. Times are the clock's monotonic seconds unless named ``_wall``.
@@ -43,7 +45,7 @@ class Task:
         timeout_s: float,
         metadata: dict[str, Any] | None = None,
         key: bytes | None = None,
-        headers: tuple[tuple[str, bytes], ...] = (),
+        headers: Headers = (),
         origin: tuple[str, int, int] | None = None,
     ) -> None:
         self.task_id = task_id

@@ -86,5 +86,5 @@ async def test_adaptive_uses_far_fewer_polls_than_fixed(
     assert median == pytest.approx(DURATION_S, rel=0.15)
     # The learned distribution is exported per model.
     name = "wavespeed_bridge_model_completion_seconds"
-    assert metric_value(metrics, name, model=MODEL, quantile="0.5") == pytest.approx(median)
-    assert metric_value(metrics, name, model=MODEL, quantile="0.9") == pytest.approx(p90)
+    assert metric_value(metrics, name, model=MODEL, percentile="50") == pytest.approx(median)
+    assert metric_value(metrics, name, model=MODEL, percentile="90") == pytest.approx(p90)

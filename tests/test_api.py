@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+import wavespeed
 
 from bridge.api import Kind, interpret, parse_retry_after, status_class
 
@@ -105,3 +107,67 @@ def test_retry_after() -> None:
 
 def test_status_class() -> None:
     assert [status_class(c) for c in (200, 404, 503, None)] == ["2xx", "4xx", "5xx", "error"]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "reason"),
+    [
+        ("failed", None, "failed"),
+        ("cancelled", None, "the API reports the task was cancelled"),
+        ("timeout", None, "the API reports the task timed out"),
+        ("deleted", None, "the API reports the task was deleted"),
+        ("cancelled", "cancelled by the user", "cancelled by the user"),
+    ],
+)
+def test_failure_statuses_of_the_official_sdks(status: str, error: str | None, reason: str) -> None:
+    out = interpret(200, None, body({"id": "p", "status": status, "error": error}), NOW)
+    assert out.kind is Kind.FAILED and out.reason == reason
+    assert out.prediction is not None and out.prediction.status == status
+
+
+class _StillPolling(Exception):
+    pass
+
+
+CANDIDATE_STATUSES = [
+    "created",
+    "processing",
+    "completed",
+    "failed",
+    "cancelled",
+    "timeout",
+    "deleted",
+    "canceled",
+    "queued_for_gpu",
+    "succeeded",
+    "expired",
+    "",
+]
+
+
+@pytest.mark.parametrize("status", CANDIDATE_STATUSES)
+def test_a_status_ends_a_task_exactly_when_the_official_sdk_ends_its_wait(
+    status: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official Python SDK (``wavespeed`` 2.0.5) decides, for each status, whether its
+    wait is over: the bridge must end a task on the same statuses, failed unless completed."""
+    client = wavespeed.Client(api_key="k", base_url="http://sdk.invalid")
+    data = {"id": "p", "status": status, "outputs": ["u"], "error": None}
+    answers = iter([{"code": 200, "message": "success", "data": data}])
+
+    def get_result(request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        try:
+            return next(answers)
+        except StopIteration:  # asked again: the SDK keeps polling
+            raise _StillPolling from None
+
+    monkeypatch.setattr(client, "_get_result", get_result)
+    try:
+        client._wait("p", None, 0.0)
+        sdk = Kind.COMPLETED
+    except _StillPolling:
+        sdk = Kind.PENDING
+    except RuntimeError as exc:
+        assert f"Prediction {status}" in str(exc)
+        sdk = Kind.FAILED
+    assert interpret(200, None, body(data), NOW).kind is sdk

@@ -133,3 +133,37 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         main(["check-config", str(bad)])
     assert exit_info.value.code == 2
     assert "kafka.group_id: expected a string, got 5" in capsys.readouterr().err
+
+
+def test_events_mode_and_total_timeout() -> None:
+    config = build_config({}, {})
+    assert config.events.mode == "structured" and config.api.total_timeout_s == 15.0
+    config = build_config({"events": {"mode": "binary"}, "api": {"total_timeout_s": 3}}, {})
+    assert config.events.mode == "binary" and config.api.total_timeout_s == 3.0
+    assert build_config({}, {"BRIDGE_EVENTS__MODE": "binary"}).events.mode == "binary"
+    assert problems({"events": {"mode": "Binary"}}) == [
+        "events.mode: expected one of 'structured', 'binary', got 'Binary'"
+    ]
+    assert problems({"events": {"source": ""}}) == [
+        "events.source: must not be empty (CloudEvents requires a source)"
+    ]
+    assert problems({"api": {"total_timeout_s": 0}}) == [
+        "api.total_timeout_s: must be > 0, got 0.0"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "says"),
+    [
+        ("structured", "structured mode: each record's value is the whole CloudEvent as JSON"),
+        ("binary", "binary mode: attributes in ce_* headers, content-type application/json"),
+    ],
+)
+def test_check_config_explains_the_events_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str, says: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"events:\n  mode: {mode}\n")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"events     CloudEvents Kafka binding, {says}" in out

@@ -10,7 +10,9 @@ one ``ai.wavespeed.prediction.timeout`` event whose ``data.error`` names the las
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -171,6 +173,58 @@ async def test_odd_retry_after_is_a_transient_error_not_a_missing_task(
         assert out.status_code == 503
 
 
+# --- a body that trickles, a proxy that answers garbage ------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_trickling_body_is_cut_at_the_total_timeout(sim: Simulator, transport: str) -> None:
+    """One byte every 0.2 s never trips a 1 s read timeout; only a total limit ends it."""
+    (task_id,) = await sim_create(sim, [{"model": "m", "duration_s": 0, "behaviour": "trickle"}])
+    client = ApiClient(
+        base_url=sim.base_url,
+        result_path="/api/v3/predictions/{id}",
+        api_key=API_KEY,
+        connect_timeout_s=1,
+        read_timeout_s=1,
+        total_timeout_s=1.5,
+        max_connections=2,
+        max_response_bytes=MAX_BODY,
+        transport=transport,
+    )
+    try:
+        started = time.monotonic()
+        out = await client.fetch(task_id, NOW)
+        took = time.monotonic() - started
+        assert out.kind is Kind.TRANSIENT
+        assert out.reason == "timeout (no complete response within 1.5s)"
+        assert 1.4 <= took < 2.5, took
+        # A shorter limit from the caller (the task's deadline) wins over the total.
+        started = time.monotonic()
+        out = await client.fetch(task_id, NOW, limit_s=0.6)
+        took = time.monotonic() - started
+        assert out.reason == "timeout (no complete response within 0.6s)"
+        assert 0.5 <= took < 1.3, took
+        # The connection pool is still usable afterwards.
+        (done,) = await sim_create(sim, [{"model": "m", "duration_s": 0}])
+        assert (await client.fetch(done, NOW)).kind is Kind.COMPLETED
+    finally:
+        await client.aclose()
+    assert sim.tasks[task_id].polls == 2
+
+
+async def test_garbage_does_not_echo_the_credentials(sim: Simulator) -> None:
+    (task_id,) = await sim_create(sim, [{"model": "m", "behaviour": "garbage"}])
+    reader, writer = await asyncio.open_connection(sim.host, sim.port)
+    writer.write(
+        f"GET /api/v3/predictions/{task_id} HTTP/1.1\r\nHost: sim\r\n"
+        f"Authorization: Bearer {API_KEY}\r\n\r\n".encode()
+    )
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 2x0 ")
+    assert API_KEY.encode() not in raw
+
+
 # --- the daemon ---------------------------------------------------------------------------
 
 
@@ -235,7 +289,7 @@ async def test_hostile_responses_end_as_timeouts_and_the_daemon_goes_on(
         assert message in error, (behaviour, error)
         assert e["data"]["outputs"] == []
         assert e["data"]["polls"] >= 2, (behaviour, e["data"]["polls"])  # retried, not dropped
-        assert API_KEY not in json.dumps(e)  # "garbage" echoes the key; the event must not
+        assert API_KEY not in json.dumps(e)
     for task_id in (*normal, *after):
         e = events[task_id]
         assert e["type"] == "ai.wavespeed.prediction.completed"

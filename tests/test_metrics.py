@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from bridge.local.broker import Broker
 from bridge.simulator import Simulator
@@ -23,6 +28,16 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.integration
 
+SHIPPED = Path(__file__).resolve().parents[1] / "config" / "bridge.yaml"
+
+
+def _shipped_polling() -> dict[str, Any]:
+    """The shipped configuration's polling section (the adaptive policy and its classes),
+    with a deadline short enough for a test."""
+    polling: dict[str, Any] = yaml.safe_load(SHIPPED.read_text())["polling"]
+    assert polling["policy"] == "adaptive"
+    return {**polling, "default_timeout_s": 30}
+
 
 async def test_live_scrape_passes_promtool_and_probes_answer(
     broker: Broker, sim: Simulator, names: Names
@@ -38,11 +53,17 @@ async def test_live_scrape_passes_promtool_and_probes_answer(
             {"model": "m", "duration_s": 0.1, "outcome": "failed"},
         ],
     )
-    config = make_config(broker, sim.base_url, names)
+    config = make_config(broker, sim.base_url, names, polling=_shipped_polling())
     async with running_bridge(config) as bridge:
         await produce(broker.bootstrap, names.input, [*ids, "bad id!"])
         await read_all(broker.bootstrap, names.outputs, expect=3)
+        # The learned completion times are exported at the next gauge update.
+        deadline = time.monotonic() + 10
         text = await scrape(bridge.server.port)
+        while "wavespeed_bridge_model_completion_seconds{" not in text:
+            assert time.monotonic() < deadline, "no learned completion time exported"
+            await asyncio.sleep(0.2)
+            text = await scrape(bridge.server.port)
         async with httpx.AsyncClient() as client:
             base = f"http://127.0.0.1:{bridge.server.port}"
             assert (await client.get(f"{base}/healthz")).status_code == 200
@@ -55,6 +76,7 @@ async def test_live_scrape_passes_promtool_and_probes_answer(
         "wavespeed_bridge_polls_per_task",
         "wavespeed_bridge_dead_letters_total",
         "wavespeed_bridge_tasks_in_flight",
+        'wavespeed_bridge_model_completion_seconds{model="wavespeed-ai/flux-dev",percentile="50"}',
     ):
         assert name in text
     result = subprocess.run(
