@@ -88,6 +88,49 @@ async def _wait_ready(url: str, daemon: subprocess.Popen[bytes], log: Path) -> N
     raise AssertionError("daemon not ready: " + log.read_text()[-3000:])
 
 
+class EchoingProxy:
+    """A broken proxy in front of the simulator: for one task id it answers an invalid
+    status line that carries the request's Authorization header, so the HTTP client's
+    exception message (and the traceback logged for it) holds the key. Test-only: the
+    shipped simulator never echoes credentials."""
+
+    def __init__(self, upstream: Simulator, echo_for: str) -> None:
+        self._upstream, self._echo_for = upstream, echo_for
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> EchoingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            if self._echo_for in lines[0]:
+                auth = next((ln for ln in lines if ln.lower().startswith("authorization:")), "")
+                writer.write(f"HTTP/1.1 2x0 {auth}\r\n\r\n".encode("latin-1"))
+                return
+            # Anything else goes to the simulator, one request per connection.
+            kept = [ln for ln in lines[1:] if ln and not ln.lower().startswith("connection:")]
+            up_reader, up_writer = await asyncio.open_connection(
+                self._upstream.host, self._upstream.port
+            )
+            request = "\r\n".join([lines[0], *kept, "Connection: close", "", ""])
+            up_writer.write(request.encode("latin-1"))
+            writer.write(await up_reader.read())
+            up_writer.close()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
 @pytest.mark.integration
 async def test_secrets_never_leave_the_process(
     broker: Broker, names: Names, tmp_path: Path
@@ -97,10 +140,13 @@ async def test_secrets_never_leave_the_process(
     sim = Simulator(api_key=key, seed=2)
     await sim.start()
     await create_topics(broker, names)
+    # The task behind the broken proxy never finishes: it times out naming the client error.
+    garbage = await sim_create(sim, [{"model": "m/img", "duration_s": 3600}])
+    proxy = await EchoingProxy(sim, echo_for=garbage[0]).__aenter__()
     port = free_port()
     config = config_data(
         broker,
-        sim.base_url,
+        f"http://127.0.0.1:{proxy.port}",
         names,
         kafka={
             # The test broker is PLAINTEXT; the password is set anyway, as an operator would
@@ -123,9 +169,6 @@ async def test_secrets_never_leave_the_process(
         bad = await sim_create(
             sim, [{"model": "m/img", "duration_s": 0.1, "outcome": "failed", "error": "no GPU"}]
         )
-        # A broken proxy that echoes the Authorization header in an invalid status line:
-        # the HTTP client's exception message (and the traceback logged for it) holds the key.
-        garbage = await sim_create(sim, [{"model": "m/img", "behaviour": "garbage"}])
         await produce(
             broker.bootstrap,
             names.input,
@@ -166,6 +209,7 @@ async def test_secrets_never_leave_the_process(
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(20)
+        await proxy.__aexit__()
         await sim.stop()
     assert daemon.returncode == 0
     log = log_path.read_text(encoding="utf-8", errors="replace")
