@@ -50,8 +50,8 @@ from bridge import logs
 from bridge.app import Bridge
 from bridge.config import Config, build_config
 from bridge.local.broker import free_port
+from bridge.local.simulator import Simulator
 from bridge.local.tansu import TansuBroker
-from bridge.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "helm" / "wavespeed-bridge" / "dashboards" / "wavespeed-bridge.json"

@@ -1,7 +1,7 @@
 """The WaveSpeed simulator as a benchmark process, with a few ``/_bench/*`` endpoints.
 
 ``python -m bench.simserver --port P`` (the key from ``WAVESPEED_API_KEY``). It is
-:class:`bridge.simulator.Simulator` unchanged, plus endpoints the benchmark needs and the
+:class:`bridge.local.simulator.Simulator` unchanged, plus endpoints the benchmark needs and the
 simulator lacks:
 
 - ``POST /_bench/tasks`` ``{"model", "durations", "ages", "outcome"}``: create many tasks
@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.events import rfc3339
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 
 
 class BenchSimulator(Simulator):

@@ -1,18 +1,13 @@
-"""The WaveSpeed result API: what a response means (pure) and how to fetch one (I/O).
+"""The WaveSpeed result API over HTTP: :class:`ApiClient` GETs one prediction's result.
 
-:func:`interpret` turns a status code, headers and body into one :class:`Outcome`;
-:class:`ApiClient` performs the GET (aiohttp or httpx) and never raises for anything the
-network or the server does.
+Thin: it sends the request within its time limits and size cap and hands status, header
+and body to :func:`bridge.outcomes.interpret`; it never raises for anything the network or
+the server does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import json
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -20,159 +15,13 @@ import httpx
 import structlog
 import yarl
 
-from bridge.messages import finite_number, parse_timestamp, safe_text, task_path
+from bridge.messages import task_path
+from bridge.outcomes import Kind, Outcome, interpret
 
 log = structlog.get_logger("wavespeed_bridge.api")
 
 # RFC 3986 reserved characters, '%' (escapes already there) and the {id} placeholder.
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%{}~"
-
-
-class Kind(enum.Enum):
-    PENDING = "pending"  # created / processing: poll again
-    COMPLETED = "completed"
-    FAILED = "failed"  # the API says the task failed
-    NOT_FOUND = "not_found"  # 404: unknown or expired (deleted after 7 days)
-    AUTH = "auth"  # 401 / 403: the key is wrong; affects every task
-    RATE_LIMITED = "rate_limited"  # 429
-    TRANSIENT = "transient"  # 5xx, network errors, unreadable bodies: retry with backoff
-
-
-TERMINAL = frozenset({Kind.COMPLETED, Kind.FAILED, Kind.NOT_FOUND})
-
-# Statuses the official SDKs (Python ``wavespeed`` 2.0.5, JavaScript) end a wait on as a
-# failure; the seed page documents only "failed". The error text when the API gives none:
-FAILED_STATUSES: dict[str, str] = {
-    "failed": "failed",
-    "cancelled": "the API reports the task was cancelled",
-    "timeout": "the API reports the task timed out",
-    "deleted": "the API reports the task was deleted",
-}
-
-
-@dataclass(slots=True)
-class Prediction:
-    """The fields of ``data`` the bridge uses, type-checked."""
-
-    id: str | None = None
-    model: str | None = None
-    status: str | None = None
-    outputs: list[str] = field(default_factory=list)
-    error: str | None = None
-    inference_ms: int | None = None
-    created_at: float | None = None
-    created_at_raw: str | None = None
-    has_nsfw_contents: list[bool] | None = None
-
-
-@dataclass(slots=True)
-class Outcome:
-    kind: Kind
-    status_code: int | None = None
-    prediction: Prediction | None = None
-    reason: str = ""  # why, for transient outcomes and logs
-    retry_after_s: float | None = None
-
-
-def status_class(code: int | None) -> str:
-    return f"{code // 100}xx" if code is not None and 100 <= code < 600 else "error"
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # "²".isdigit() is true, and int() refuses it
-        digits = value.lstrip("0") or "0"
-        return 86_400.0 if len(digits) > 5 else float(min(int(digits), 86_400))
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return min(max(0.0, when.timestamp() - now), 86_400.0)
-
-
-def _prediction(data: dict[str, Any]) -> Prediction:
-    """Keep only well-typed fields; a wrong type is treated as absent."""
-
-    def text(name: str, limit: int = 4096) -> str | None:
-        v = data.get(name)
-        return safe_text(v[:limit]) if isinstance(v, str) else None
-
-    outputs_raw = data.get("outputs")
-    outputs = (
-        [safe_text(o) for o in outputs_raw[:1000] if isinstance(o, str)]
-        if isinstance(outputs_raw, list)
-        else []
-    )
-    timings = data.get("timings")
-    inference = finite_number(timings.get("inference") if isinstance(timings, dict) else None)
-    inference_ms = int(inference) if inference is not None and inference >= 0 else None
-    nsfw = data.get("has_nsfw_contents")
-    created_raw = text("created_at", 64)
-    return Prediction(
-        id=text("id", 256),
-        model=text("model", 256),
-        status=text("status", 64),
-        outputs=outputs,
-        error=text("error"),
-        inference_ms=inference_ms,
-        created_at=parse_timestamp(created_raw),
-        created_at_raw=created_raw,
-        has_nsfw_contents=[bool(x) for x in nsfw if isinstance(x, bool)]
-        if isinstance(nsfw, list)
-        else None,
-    )
-
-
-def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Outcome:
-    """What one HTTP response means for the task it was polled for."""
-    if code in (401, 403):
-        return Outcome(Kind.AUTH, code, reason=f"HTTP {code}: API key rejected")
-    if code == 404:
-        return Outcome(Kind.NOT_FOUND, code, reason="unknown or expired task (HTTP 404)")
-    if code == 429:
-        return Outcome(
-            Kind.RATE_LIMITED,
-            code,
-            reason="HTTP 429",
-            retry_after_s=parse_retry_after(retry_after, now),
-        )
-    if code >= 500 or code == 408:
-        return Outcome(
-            Kind.TRANSIENT,
-            code,
-            reason=f"HTTP {code}",
-            retry_after_s=parse_retry_after(retry_after, now),
-        )
-    if 300 <= code < 400:
-        return Outcome(
-            Kind.TRANSIENT, code, reason=f"unexpected redirect (HTTP {code}), not followed"
-        )
-    if code != 200:
-        return Outcome(Kind.TRANSIENT, code, reason=f"unexpected HTTP {code}")
-    try:
-        envelope = json.loads(body)
-    except (ValueError, RecursionError):
-        return Outcome(Kind.TRANSIENT, code, reason="body is not JSON")
-    data = envelope.get("data") if isinstance(envelope, dict) else None
-    if not isinstance(data, dict):
-        return Outcome(Kind.TRANSIENT, code, reason="envelope has no 'data' object")
-    prediction = _prediction(data)
-    status = prediction.status
-    if status == "completed":
-        return Outcome(Kind.COMPLETED, code, prediction)
-    failure = FAILED_STATUSES.get(status) if status is not None else None
-    if failure is not None:
-        return Outcome(Kind.FAILED, code, prediction, reason=prediction.error or failure)
-    if status in ("created", "processing"):
-        return Outcome(Kind.PENDING, code, prediction)
-    # Undocumented status: keep polling until the deadline rather than invent an outcome.
-    shown = repr(status)[:40] if status is not None else "missing"
-    return Outcome(Kind.PENDING, code, prediction, reason=f"unknown status {shown}")
 
 
 class ApiClient:

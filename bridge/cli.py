@@ -71,8 +71,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+LOCAL_STACK_MISSING = (
+    "wavespeed-bridge: the local stack (simulator, brokers, demo) is not installed: it ships"
+    " with the source checkout only, not the wheel or the image. From a clone:"
+    " pip install -e '.[dev]'"
+)
+
+
+def _local_stack() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("bridge.local") is None:
+        print(LOCAL_STACK_MISSING, file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_simulate_api(args: argparse.Namespace) -> int:
-    from bridge.simulator import Simulator
+    if not _local_stack():
+        return 2
+    from bridge.local.simulator import Simulator
 
     key = os.environ.get(args.api_key_env) or None
 
@@ -94,7 +112,9 @@ def cmd_simulate_api(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bridge.demo import run_demo
+    if not _local_stack():
+        return 2
+    from bridge.local.demo import run_demo
 
     return asyncio.run(
         run_demo(

@@ -1,15 +1,29 @@
-"""Time, injected: the daemon uses :class:`SystemClock`, simulations and tests their own."""
+"""Time, injected: the daemon uses :class:`SystemClock`, simulations and tests their own.
+
+The pure core never reads a clock: the shell reads one :class:`Instant` and passes it in.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Instant:
+    """One reading of a clock: ``mono`` orders and measures, ``wall`` is unix seconds."""
+
+    mono: float
+    wall: float
 
 
 class Clock(Protocol):
     def monotonic(self) -> float: ...
 
     def time(self) -> float: ...
+
+    def read(self) -> Instant: ...
 
 
 class SystemClock:
@@ -18,6 +32,9 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    def read(self) -> Instant:
+        return Instant(time.monotonic(), time.time())
 
 
 class ManualClock:
@@ -33,5 +50,13 @@ class ManualClock:
     def time(self) -> float:
         return self.epoch + self.now
 
+    def read(self) -> Instant:
+        return Instant(self.now, self.epoch + self.now)
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+    def at(self, mono: float) -> Instant:
+        """The reading at ``mono`` (moving the clock there)."""
+        self.now = max(self.now, mono)
+        return self.read()

@@ -7,27 +7,21 @@ without InitProducerId, such as Tansu); everything else is plain Kafka protocol.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     CorruptRecordException,
     KafkaError,
-    MessageSizeTooLargeError,
     SaslAuthenticationFailed,
     UnsupportedCodecError,
 )
 from aiokafka.helpers import create_ssl_context
 
 from bridge.config import KafkaConfig, read_sasl_password
-from bridge.events import OutputRecord
 from bridge.messages import Record
 
 log = structlog.get_logger("wavespeed_bridge.kafka")
@@ -166,148 +160,3 @@ def to_record(msg: ConsumerRecord[bytes, bytes]) -> Record:
         headers=headers,
         timestamp_ms=msg.timestamp if msg.timestamp and msg.timestamp > 0 else None,
     )
-
-
-@dataclass(slots=True)
-class _Delivery:
-    record: OutputRecord
-    on_ack: Callable[[], None]
-    reduced: Callable[[], OutputRecord] | None
-    done: asyncio.Future[None]
-    attempt: int = 0
-
-
-class Publisher:
-    """Produces records until the broker acknowledges each (acks=all), then calls ``on_ack``.
-
-    One coroutine feeds the producer in order and acknowledgements arrive as callbacks:
-    a task per record waiting on its batch costs a timer and a wake-up each, which
-    dominated the profile at a thousand events per second. Retriable errors retry with
-    backoff for ever (the in-flight cap bounds what waits); a record that can never be
-    sent is replaced once by its ``reduced`` form, else given up so its offset moves on.
-    """
-
-    def __init__(
-        self,
-        producer: AIOKafkaProducer,
-        *,
-        retry_delay: Callable[[int], float],
-        on_error: Callable[[], None] = lambda: None,
-        on_pending: Callable[[int], None] = lambda n: None,
-    ) -> None:
-        self._producer = producer
-        self._retry_delay = retry_delay
-        self._on_error = on_error
-        self._on_pending = on_pending
-        self._queue: collections.deque[_Delivery] = collections.deque()
-        self._wake = asyncio.Event()
-        # Topics the brokers do not list: their records wait here, the others go on.
-        self._missing: frozenset[str] = frozenset()
-        self._held: list[_Delivery] = []
-        self.pending = 0  # published and not yet acknowledged or given up
-        # Retry warnings are summarised: an outage fails every pending record, repeatedly.
-        self._retries_unlogged = 0
-        self._retry_logged_at = float("-inf")
-
-    def publish(
-        self,
-        record: OutputRecord,
-        on_ack: Callable[[], None],
-        reduced: Callable[[], OutputRecord] | None = None,
-    ) -> asyncio.Future[None]:
-        """Queue ``record``; the returned future resolves once it is acknowledged."""
-        done = asyncio.get_running_loop().create_future()
-        self.pending += 1
-        self._on_pending(self.pending)
-        self._enqueue(_Delivery(record, on_ack, reduced, done))
-        return done
-
-    def hold_topics(self, missing: frozenset[str]) -> None:
-        """Hold records for ``missing`` topics (a send would block the queue on metadata)."""
-        self._missing = missing
-        held, self._held = self._held, []
-        for d in held:
-            self._enqueue(d)
-
-    def _enqueue(self, delivery: _Delivery) -> None:
-        self._queue.append(delivery)
-        self._wake.set()
-
-    async def run(self) -> None:
-        queue = self._queue
-        while True:
-            if not queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            d = queue.popleft()
-            r = d.record
-            if r.topic in self._missing:
-                self._held.append(d)
-                continue
-            try:
-                # Waits only while the producer's buffer is full: back-pressure.
-                future = await self._producer.send(
-                    r.topic, value=r.value, key=r.key, headers=r.headers
-                )
-            except Exception as exc:  # every failure has a defined path below
-                self._failed(d, exc)
-                continue
-            future.add_done_callback(lambda f, d=d: self._sent(d, f))
-
-    def _sent(self, d: _Delivery, future: asyncio.Future[Any]) -> None:
-        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        if exc is not None:
-            self._failed(d, exc)
-            return
-        self._settle(d)
-
-    def _failed(self, d: _Delivery, exc: BaseException) -> None:
-        self._on_error()
-        if isinstance(exc, KafkaError) and not isinstance(exc, MessageSizeTooLargeError):
-            d.attempt += 1
-            loop = asyncio.get_running_loop()
-            self._retries_unlogged += 1
-            if loop.time() - self._retry_logged_at >= RETRY_LOG_INTERVAL_S:
-                log.warning(
-                    "publish failed, retrying",
-                    topic=d.record.topic,
-                    attempt=d.attempt,
-                    error=type(exc).__name__,
-                    failures_since_last_warning=self._retries_unlogged,
-                )
-                self._retry_logged_at, self._retries_unlogged = loop.time(), 0
-            loop.call_later(self._retry_delay(d.attempt), self._enqueue, d)
-            return
-        # Never going to fit (or not a record the client accepts): shrink once, else drop.
-        log.error(
-            "record cannot be published",
-            topic=d.record.topic,
-            error=type(exc).__name__,
-            reduced=d.reduced is not None,
-        )
-        if d.reduced is not None:
-            d.record, d.reduced = d.reduced(), None
-            self._enqueue(d)
-            return
-        self._settle(d)
-
-    def _settle(self, d: _Delivery) -> None:
-        self.pending -= 1
-        self._on_pending(self.pending)
-        # Given up counts as done too: the offset moves on rather than block the partition.
-        d.on_ack()
-        if not d.done.done():
-            d.done.set_result(None)
-
-
-class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_revoked: Any, on_assigned: Any) -> None:
-        self._on_revoked = on_revoked
-        self._on_assigned = on_assigned
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self._on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self._on_assigned(assigned)

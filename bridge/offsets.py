@@ -15,12 +15,13 @@ P = TypeVar("P", bound=Hashable)
 
 
 class PartitionOffsets:
-    __slots__ = ("_done", "_next_commit", "_pending")
+    __slots__ = ("_done", "_next_commit", "_pending", "committed")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # consumed, in order, oldest first
         self._done: set[int] = set()  # finished but still behind an unfinished one
         self._next_commit: int | None = None  # offset to commit (last finished prefix + 1)
+        self.committed: int | None = None  # what the group last stored for this partition
 
     def add(self, offset: int) -> None:
         if self._pending and offset <= self._pending[-1]:
@@ -90,6 +91,26 @@ class OffsetTracker(Generic[P]):
         for partition, part in self._parts.items():
             if part.committable is not None:
                 yield partition, part.committable
+
+    def to_commit(self, only: set[P] | None = None) -> dict[P, int]:
+        """Committable positions ahead of what was last committed (of ``only``, if given)."""
+        return {
+            partition: part.committable
+            for partition, part in self._parts.items()
+            if (only is None or partition in only)
+            and part.committable is not None
+            and part.committable > (part.committed if part.committed is not None else -1)
+        }
+
+    def mark_committed(self, positions: dict[P, int]) -> None:
+        for partition, position in positions.items():
+            part = self._parts.get(partition)
+            if part is not None:
+                part.committed = position
+
+    def committed(self, partition: P) -> int | None:
+        part = self._parts.get(partition)
+        return part.committed if part is not None else None
 
     def in_flight(self, partition: P | None = None) -> int:
         if partition is not None:

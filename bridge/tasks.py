@@ -1,10 +1,20 @@
-"""The state of one tracked prediction: plain data for the policy, the scheduler and the app."""
+"""The state of one tracked prediction: plain data for the core, the policy and the scheduler."""
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from bridge.messages import Headers
+from bridge.outcomes import Prediction
+
+Origin = tuple[str, int, int]  # (topic, partition, offset) of an input record
+
+
+class State(enum.Enum):
+    POLLING = "polling"  # in the scheduler: polled until terminal or past its deadline
+    PARKED = "parked"  # its partition was revoked; revived if the records come back
+    PUBLISHING = "publishing"  # terminal: its event is out, waiting for the broker's ack
 
 
 class Task:
@@ -30,6 +40,7 @@ class Task:
         "origins",
         "polls",
         "prediction",
+        "state",
         "task_id",
         "timeout_s",
     )
@@ -46,7 +57,7 @@ class Task:
         metadata: dict[str, Any] | None = None,
         key: bytes | None = None,
         headers: Headers = (),
-        origin: tuple[str, int, int] | None = None,
+        origin: Origin | None = None,
     ) -> None:
         self.task_id = task_id
         self.model = model
@@ -59,13 +70,14 @@ class Task:
         self.key = key
         self.headers = headers
         # (topic, partition, offset) of every input record waiting on this task's event.
-        self.origins: list[tuple[str, int, int]] = [origin] if origin is not None else []
+        self.origins: list[Origin] = [origin] if origin is not None else []
+        self.state = State.POLLING
         self.polls = 0
         self.failures = 0  # consecutive transient failures
         self.last_poll: float | None = None
         self.last_pending_poll: float | None = None  # last poll that saw a non-terminal status
         self.last_error: str | None = None
-        self.prediction: Any = None  # the last parsed api.Prediction
+        self.prediction: Prediction | None = None  # the last one the API returned
 
     def learn_created(self, created: float, created_wall: float) -> None:
         """Adopt the API's ``created_at``: it can only move the creation time earlier."""
@@ -73,3 +85,6 @@ class Task:
             self.created = created
             self.created_wall = created_wall
             self.deadline = max(created + self.timeout_s, self.first_seen)
+
+    def partitions(self) -> set[tuple[str, int]]:
+        return {(t, p) for t, p, _ in self.origins}

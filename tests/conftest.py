@@ -16,8 +16,8 @@ import pytest
 
 from bridge.local.apache_kafka import KafkaCluster, start_cluster
 from bridge.local.broker import Broker
+from bridge.local.simulator import Simulator
 from bridge.local.tansu import TansuBroker, start_tansu
-from bridge.simulator import Simulator
 from tests.helpers import API_KEY, Names
 
 BROKER = os.environ.get("BRIDGE_TEST_BROKER", "kafka")

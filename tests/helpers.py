@@ -23,8 +23,8 @@ from bridge.app import Bridge
 from bridge.config import Config, build_config
 from bridge.local.apache_kafka import KafkaCluster
 from bridge.local.broker import Broker, free_port
+from bridge.local.simulator import Simulator
 from bridge.local.tansu import TansuBroker
-from bridge.simulator import Simulator
 
 API_KEY = "test-key-7f3a9c"
 

@@ -1,17 +1,22 @@
-"""Adaptive polling (issue 3): deterministic simulations of the real policy and scheduler."""
+"""Adaptive polling (issue 3): deterministic simulations of the real policy inside the real core."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
 
 import pytest
 
+from bridge import facts
 from bridge.adaptive import EDGES, NBINS, AdaptivePolicy, solve
-from bridge.api import Prediction
-from bridge.config import ModelClass, PollingConfig
-from bridge.scheduler import Scheduler, TokenBucket
+from bridge.clock import ManualClock
+from bridge.config import ModelClass, PollingConfig, build_config
+from bridge.core import Core
+from bridge.facts import Publish
+from bridge.messages import Record
+from bridge.outcomes import Kind, Outcome, Prediction
 from bridge.tasks import Task
 
 IMAGE = ModelClass("*", min_interval_s=0.5, max_interval_s=30.0, median_s=5.0, p90_s=15.0)
@@ -44,18 +49,16 @@ def policy(
     )
 
 
-def run(
-    p: AdaptivePolicy,
-    jobs: list[Job],
-    *,
-    budget: TokenBucket | None = None,
-    until: float = math.inf,
-) -> Scheduler[int]:
-    """Drive ``p`` through the real Scheduler in simulated time, as bridge.app does."""
-    live: dict[int, Task] = {}
-    sched: Scheduler[int] = Scheduler(
-        priority=lambda k, due: p.priority(live[k], due), budget=budget
+def run(p: AdaptivePolicy, jobs: list[Job], *, until: float = math.inf) -> Core:
+    """Drive ``p`` inside the bridge's real core in simulated time: each job's id arrives
+    as an input record, each due poll is answered from the job's true completion time."""
+    core = Core(
+        build_config({"kafka": {"input_topic": "in"}}, env={}),
+        policy=p,
+        rng=random.Random(0),
+        now=0.0,
     )
+    clock = ManualClock(epoch=0.0)  # wall = monotonic: created_at passes through exactly
     order = sorted(range(len(jobs)), key=lambda k: jobs[k].consumed or jobs[k].created + 0.05)
     i, now = 0, 0.0
     while True:
@@ -63,47 +66,44 @@ def run(
         if i < len(order):
             j = jobs[order[i]]
             nxt = j.consumed if j.consumed is not None else j.created + 0.05
-        wake = sched.next_wakeup(now)
+        wake = core.next_wakeup(now)
         t = min(nxt, math.inf if wake is None else wake)
         if t == math.inf or t > until:
             break
         now = max(now, t)
+        at = clock.at(now)
         while i < len(order):
             k = order[i]
             j = jobs[k]
             if (j.consumed if j.consumed is not None else j.created + 0.05) > now:
                 break
-            task = Task(
-                task_id=str(k),
-                model=j.model,
-                created=j.created,
-                created_wall=j.created,
-                first_seen=now,
-                timeout_s=j.timeout,
-            )
-            j.first_seen, j.deadline = now, task.deadline
-            live[k] = task
-            sched.schedule(k, p.first_poll(task, now))
+            value = {
+                "id": str(k),
+                "model": j.model,
+                "timeout_s": j.timeout,
+                "created_at": j.created,
+            }
+            record = Record("in", 0, i, None, json.dumps(value).encode(), (), None)
+            (consumed,) = core.on_record(record, at)
+            assert isinstance(consumed, facts.Consumed)
+            j.first_seen, j.deadline = now, consumed.task.deadline
             i += 1
-        for k in sched.take(now, 1 << 30):
-            task, j = live[k], jobs[k]
-            task.polls += 1
-            task.last_poll = now
+        for task, _ in core.take_due(now, 1 << 30):
+            j = jobs[int(task.task_id)]
             j.polls.append(now)
             if now >= j.created + j.duration:
                 inference = int((j.duration - j.queue) * 1000) if j.report_inference else None
-                task.prediction = Prediction(status="completed", inference_ms=inference)
-                p.observe(task, now)
-                j.verdict = now
-                del live[k]
-                continue
-            task.last_pending_poll = now
-            if now >= task.deadline:
-                j.verdict = now
-                del live[k]
-                continue
-            sched.schedule(k, p.next_poll(task, now))
-    return sched
+                done = Prediction(status="completed", inference_ms=inference)
+                out = core.on_outcome(task, Outcome(Kind.COMPLETED, 200, done), at)
+            else:
+                running = Prediction(status="processing")
+                out = core.on_outcome(task, Outcome(Kind.PENDING, 200, running), at)
+            for effect in out:
+                if isinstance(effect, facts.Finished):
+                    j.verdict = now
+                elif isinstance(effect, Publish):
+                    core.acknowledged(effect.ticket, at)
+    return core
 
 
 def lognormal_jobs(

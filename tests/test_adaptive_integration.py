@@ -9,7 +9,7 @@ import pytest
 
 from bridge.adaptive import AdaptivePolicy
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import (
     Names,
     create_topics,

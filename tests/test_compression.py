@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from bridge.local.apache_kafka import KafkaCluster
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import (
     Names,
     Received,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import (
     Names,
     committed,

@@ -13,8 +13,8 @@ from datetime import datetime
 import pytest
 
 from bridge.local.broker import Broker
+from bridge.local.simulator import Simulator
 from bridge.policy import DEADLINE_GRACE_S, overdue, request_limit
-from bridge.simulator import Simulator
 from bridge.tasks import Task
 from tests.helpers import (
     Names,

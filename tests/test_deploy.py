@@ -29,6 +29,7 @@ import sys
 import tomllib
 import types
 import typing
+import zipfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -42,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import Config, load_config
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import (
     Names,
     create_topics,
@@ -188,6 +189,30 @@ def pod_env(container: Doc) -> dict[str, str]:
 
 
 # --- Dockerfile -------------------------------------------------------------------------
+
+
+def test_the_wheel_and_the_image_leave_the_local_stack_out(tmp_path: Path) -> None:
+    """The simulator, the brokers and the demo are for development: neither the wheel nor
+    the image's build context carries ``bridge/local``."""
+    source = tmp_path / "source"  # a clean copy: a stale build/ in the checkout would leak in
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "bridge", source / "bridge", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = tmp_path / "wheel"
+    built = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)]
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = out.glob("wavespeed_bridge-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert "bridge/core.py" in names and "bridge/schemas/event.schema.json" in names
+    assert not [n for n in names if n.startswith("bridge/local/")]
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "bridge/local/" in ignored
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_the_charts_user(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from bridge.events import CONTENT_TYPE
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import Names, create_topics, make_config, running_bridge, sim_create
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import (
     API_KEY,
     Names,

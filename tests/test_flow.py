@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import (
     Names,
     committed,

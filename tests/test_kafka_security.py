@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from bridge.config import Config
 from bridge.local.apache_kafka import KafkaCluster, SaslSsl
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.conftest import BROKER
 from tests.helpers import (
     Names,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from bridge.local.broker import Broker
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import (
     Names,
     create_topics,
@@ -57,10 +57,12 @@ async def test_live_scrape_passes_promtool_and_probes_answer(
     async with running_bridge(config) as bridge:
         await produce(broker.bootstrap, names.input, [*ids, "bad id!"])
         await read_all(broker.bootstrap, names.outputs, expect=3)
-        # The learned completion times are exported at the next gauge update.
+        # The learned completion times are exported at the next gauge update: wait for the
+        # model asserted below, not for any model (the failed task's may come first).
+        learned = 'wavespeed_bridge_model_completion_seconds{model="wavespeed-ai/flux-dev"'
         deadline = time.monotonic() + 10
         text = await scrape(bridge.server.port)
-        while "wavespeed_bridge_model_completion_seconds{" not in text:
+        while learned not in text:
             assert time.monotonic() < deadline, "no learned completion time exported"
             await asyncio.sleep(0.2)
             text = await scrape(bridge.server.port)

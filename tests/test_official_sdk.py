@@ -14,7 +14,7 @@ import httpx
 import pytest
 import wavespeed
 
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
 from tests.helpers import API_KEY
 
 MODEL = "wavespeed-ai/flux-dev"

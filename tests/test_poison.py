@@ -29,11 +29,11 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from bridge.api import Prediction
 from bridge.app import Bridge
 from bridge.config import build_config
 from bridge.events import CONTENT_TYPE, build_event, dead_letter_record, encode, event_record
 from bridge.local.broker import Broker
+from bridge.local.simulator import Simulator
 from bridge.messages import (
     MAX_TASK_ID_LENGTH,
     Rejected,
@@ -42,7 +42,7 @@ from bridge.messages import (
     task_path,
     valid_task_id,
 )
-from bridge.simulator import Simulator
+from bridge.outcomes import Prediction
 from tests.helpers import (
     Names,
     Received,
@@ -683,17 +683,17 @@ async def test_duplicate_arriving_while_the_event_is_acknowledged_is_accounted(
 ) -> None:
     """The same id again, consumed after the first one's event was built but before the
     broker acknowledged it (acknowledgements are slowed down to make the window wide)."""
-    import bridge.kafka as kafka_io
+    import bridge.outbox as outbox
 
-    real_sent = kafka_io.Publisher._sent
+    real_sent = outbox.Publisher._sent
 
-    def slow_sent(self: kafka_io.Publisher, d: Any, future: Any) -> None:
+    def slow_sent(self: outbox.Publisher, d: Any, future: Any) -> None:
         if d.record.topic == names.dead_letter:
             real_sent(self, d, future)
         else:
             asyncio.get_running_loop().call_later(1.0, real_sent, self, d, future)
 
-    monkeypatch.setattr(kafka_io.Publisher, "_sent", slow_sent)
+    monkeypatch.setattr(outbox.Publisher, "_sent", slow_sent)
     await create_topics(broker, names)
     ids = await sim_create(sim, [{"model": "m", "duration_s": 0.05}])
     config = make_config(broker, sim.base_url, names)

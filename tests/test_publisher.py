@@ -1,4 +1,4 @@
-"""kafka.Publisher's retry, shrink and give-up paths, against a scripted producer."""
+"""outbox.Publisher's retry, shrink and give-up paths, against a scripted producer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
 
 from bridge.events import OutputRecord
-from bridge.kafka import Publisher
+from bridge.outbox import Publisher
 
 
 class ScriptedProducer:

@@ -30,11 +30,12 @@ import structlog
 from aiohttp import web
 
 from bridge import logs
-from bridge.api import ApiClient, Kind
+from bridge.api import ApiClient
 from bridge.config import ApiConfig, KafkaConfig, ServerConfig, build_config
 from bridge.kafka import client_options
 from bridge.local.broker import Broker, free_port
-from bridge.simulator import Simulator
+from bridge.local.simulator import Simulator
+from bridge.outcomes import Kind
 from tests.helpers import (
     Names,
     Received,

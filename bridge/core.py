@@ -1,0 +1,420 @@
+"""The pure core: the task book and every decision the daemon makes.
+
+A record arrives (accept, dead-letter, join a duplicate in flight, revive a parked task), a
+poll's outcome arrives (finish, poll again, back off, pause everything), a deadline passes,
+the broker acknowledges an event, partitions are revoked or assigned. Each method takes
+the time as an argument and returns what to do: :class:`Publish` effects for the outbox,
+and facts (:mod:`bridge.facts`) that the shell's telemetry turns into logs and metrics.
+No I/O, no logging, no clock of its own: tests drive it with a ``ManualClock`` and the
+polling benchmark at thousands of times real time.
+
+The book: a task being polled or parked is found by its id (``_active``); once its event
+is built it is found by the ticket of that event until the broker acknowledges it
+(``_unacked``), so the same id may arrive again meanwhile and become a new task. Offsets
+(``bridge.offsets``) know which input records are open and what may be committed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bridge import events as ev
+from bridge import facts
+from bridge.clock import Instant
+from bridge.config import Config
+from bridge.facts import Effect, Publish
+from bridge.messages import Record, Rejected, parse_task
+from bridge.offsets import OffsetTracker
+from bridge.outcomes import TERMINAL, Kind, Outcome
+from bridge.policy import PollPolicy, clamp_to_deadline, overdue, request_limit, retry_delay
+from bridge.scheduler import Scheduler, TokenBucket
+from bridge.tasks import State, Task
+
+Partition = tuple[str, int]
+# How often polls waiting for a slot, the budget or a pause are checked for passed deadlines.
+SWEEP_INTERVAL_S = 0.25
+
+
+@dataclass(slots=True)
+class _EventOut:
+    """A task's event, produced and not yet acknowledged."""
+
+    task: Task
+    kind: ev.EventType
+    finished: Instant
+
+
+@dataclass(slots=True)
+class _DeadLetterOut:
+    partition: Partition
+    offset: int
+    reason: str
+
+
+class Core:
+    def __init__(
+        self, config: Config, *, policy: PollPolicy, rng: random.Random, now: float
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self._rng = rng
+        a = config.api
+        budget = None
+        if a.requests_per_second > 0:
+            burst = a.budget_burst or max(1, round(a.requests_per_second))
+            budget = TokenBucket(a.requests_per_second, burst, now)
+        self.scheduler: Scheduler[str] = Scheduler(priority=self._priority, budget=budget)
+        self.offsets: OffsetTracker[Partition] = OffsetTracker()
+        self._active: dict[str, Task] = {}  # polling or parked, by task id
+        self._unacked: dict[int, _EventOut | _DeadLetterOut] = {}  # by ticket
+        self._tickets = itertools.count()
+        self._pause_announced_until = float("-inf")
+        self._sweep_at = float("-inf")
+        k = config.kafka
+        self._topics: dict[ev.EventType, str] = {
+            "completed": k.completed_topic,
+            "failed": k.failed_topic,
+            "timeout": k.timeout_topic or k.failed_topic,
+        }
+
+    # --- views ---------------------------------------------------------------------------
+
+    @property
+    def open_records(self) -> int:
+        """Input records consumed and not yet answered by an acknowledged record."""
+        return self.offsets.in_flight()
+
+    def polling(self) -> dict[str, Task]:
+        return {i: t for i, t in self._active.items() if t.state is State.POLLING}
+
+    def parked(self) -> dict[str, Task]:
+        return {i: t for i, t in self._active.items() if t.state is State.PARKED}
+
+    def publishing(self) -> dict[str, Task]:
+        return {d.task.task_id: d.task for d in self._unacked.values() if isinstance(d, _EventOut)}
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks being polled or waiting for their event's acknowledgement."""
+        polling = sum(1 for t in self._active.values() if t.state is State.POLLING)
+        return polling + sum(1 for d in self._unacked.values() if isinstance(d, _EventOut))
+
+    # --- a record arrives ----------------------------------------------------------------
+
+    def on_record(self, rec: Record, at: Instant) -> list[Effect]:
+        part = (rec.topic, rec.partition)
+        try:
+            self.offsets.add(part, rec.offset)
+        except ValueError:
+            return []  # re-delivered below the tracked position (seek after rebalance)
+        cfg = self.config
+        parsed = parse_task(
+            rec.value,
+            max_bytes=cfg.kafka.max_message_bytes,
+            max_timeout_s=cfg.polling.max_timeout_s,
+        )
+        if isinstance(parsed, Rejected):
+            return self._dead_letter(rec, parsed)
+        origin = (rec.topic, rec.partition, rec.offset)
+        now = at.mono
+        known = self._active.get(parsed.task_id)
+        if known is not None and known.state is State.PARKED:
+            # Back after a rebalance: keep its poll history.
+            known.origins = [origin]
+            known.state = State.POLLING
+            resume = (
+                self.policy.first_poll(known, now)
+                if known.last_poll is None
+                else self.policy.next_poll(known, known.last_poll)
+            )
+            self.scheduler.schedule(known.task_id, max(now, resume))
+            return [facts.Revived(known)]
+        if known is not None:
+            # Only a task still being polled can take it: an event built cannot list it.
+            known.origins.append(origin)
+            return [facts.Joined(known.task_id, rec.partition, rec.offset)]
+        created_wall = min(
+            x
+            for x in (
+                at.wall,
+                parsed.created_at,
+                rec.timestamp_ms / 1000.0 if rec.timestamp_ms else None,
+            )
+            if x is not None
+        )
+        task = Task(
+            task_id=parsed.task_id,
+            model=parsed.model,
+            created=now - (at.wall - created_wall),
+            created_wall=created_wall,
+            first_seen=now,
+            timeout_s=parsed.timeout_s or cfg.polling.default_timeout_s,
+            metadata=parsed.metadata,
+            key=rec.key,
+            headers=rec.headers,
+            origin=origin,
+        )
+        self._active[task.task_id] = task
+        self.scheduler.schedule(task.task_id, self.policy.first_poll(task, now))
+        return [facts.Consumed(task, rec.partition, rec.offset)]
+
+    def on_undecodable(self, topic: str, partition: int, offset: int, why: str) -> list[Effect]:
+        """A record the Kafka client could not decode: dead-lettered by its offset alone."""
+        try:
+            self.offsets.add((topic, partition), offset)
+        except ValueError:
+            return []
+        detail = f"the Kafka client cannot decode this record ({why});"
+        detail += " key, value and headers are not available"
+        record = Record(topic, partition, offset, None, None, (), None)
+        return self._dead_letter(record, Rejected("undecodable", detail))
+
+    def _dead_letter(self, rec: Record, why: Rejected) -> list[Effect]:
+        dlq = self.config.kafka.dead_letter_topic
+
+        def build(key: bytes | None, value: bytes | None, limit: int) -> ev.OutputRecord:
+            return ev.dead_letter_record(
+                topic=dlq,
+                source_topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=key,
+                value=value,
+                headers=rec.headers if limit else (),
+                reason=why.reason,
+                detail=why.detail,
+                max_value_bytes=limit,
+            )
+
+        ticket = next(self._tickets)
+        self._unacked[ticket] = _DeadLetterOut((rec.topic, rec.partition), rec.offset, why.reason)
+        record = build(rec.key, rec.value, self.config.kafka.max_message_bytes)
+        return [
+            facts.DeadLettered(rec.partition, rec.offset, why.reason, why.detail),
+            # Too large to publish: only the dlq.* headers.
+            Publish(ticket, record, lambda: build(None, None, 0)),
+        ]
+
+    # --- polls ---------------------------------------------------------------------------
+
+    def take_due(self, now: float, limit: int) -> list[tuple[Task, float]]:
+        """Up to ``limit`` tasks to poll now, best first, with the time each was due."""
+        out = []
+        for task_id, due in self.scheduler.take_due(now, limit):
+            task = self._active.get(task_id)
+            if task is not None and task.state is State.POLLING:
+                out.append((task, due))
+        return out
+
+    def request_limit(self, task: Task, now: float) -> float | None:
+        return request_limit(task, now)
+
+    def next_wakeup(self, now: float) -> float | None:
+        return self.scheduler.next_wakeup(now)
+
+    def on_outcome(self, task: Task, outcome: Outcome, at: Instant) -> list[Effect]:
+        """What the answer to one poll means for its task."""
+        if self._active.get(task.task_id) is not task or task.state is not State.POLLING:
+            return []  # revoked or finished meanwhile
+        now = at.mono
+        task.polls += 1
+        task.last_poll = now
+        kind = outcome.kind
+        prediction = outcome.prediction
+        if prediction is not None:
+            task.prediction = prediction
+            if prediction.created_at is not None:
+                task.learn_created(now - (at.wall - prediction.created_at), prediction.created_at)
+            if task.model is None and prediction.model:
+                task.model = prediction.model
+        if kind in TERMINAL:
+            task.failures = 0
+            if kind is not Kind.NOT_FOUND:
+                self.policy.observe(task, now)
+            event_kind: ev.EventType = "completed" if kind is Kind.COMPLETED else "failed"
+            return self._finish(task, event_kind, outcome.reason or None, at)
+        if kind is Kind.PENDING:
+            task.failures = 0
+            task.last_error = outcome.reason or None  # an undocumented status, if any
+            task.last_pending_poll = now
+            if now >= task.deadline:
+                return self._finish(task, "timeout", _timeout_reason(task), at)
+            self.scheduler.schedule(task.task_id, self.policy.next_poll(task, now))
+            return []
+        # Not an answer about the task: the API, the key or the network is at fault.
+        task.failures += 1
+        task.last_error = outcome.reason
+        p = self.config.polling
+        retry_at = now + retry_delay(task.failures, p.backoff_base_s, p.backoff_max_s, self._rng)
+        out: list[Effect] = []
+        if kind is Kind.AUTH:
+            out += self._pause_all(now, self.config.api.auth_error_pause_s, "auth", outcome)
+        elif kind is Kind.RATE_LIMITED:
+            wait = outcome.retry_after_s or retry_at - now
+            out += self._pause_all(now, wait, "rate_limited", outcome)
+        elif outcome.retry_after_s:
+            out += self._pause_all(now, outcome.retry_after_s, "retry_after", outcome)
+        retry_at = max(retry_at, self.scheduler.paused_until)
+        if now >= task.deadline:
+            return out + self._finish(task, "timeout", _timeout_reason(task), at)
+        self.scheduler.schedule(task.task_id, clamp_to_deadline(task, retry_at, now))
+        return out
+
+    def _pause_all(self, now: float, seconds: float, reason: str, outcome: Outcome) -> list[Effect]:
+        until = now + seconds
+        before = max(self.scheduler.paused_until, now)
+        added = max(0.0, until - before)
+        if added:
+            self.scheduler.pause_until(until)
+        announce = now >= self._pause_announced_until  # loud once per pause, not per task
+        if announce:
+            self._pause_announced_until = until
+        return [facts.Paused(reason, seconds, added, outcome, announce)]
+
+    def expire_overdue(self, at: Instant) -> tuple[list[Effect], bool]:
+        """Time out the tasks whose deadline passed while their poll waits for a request
+        slot, the budget or the end of a pause: the deadline does not wait for the API.
+
+        Also says whether polls are waiting (or may fall due in a pause): the dispatch loop
+        then wakes every ``SWEEP_INTERVAL_S``. Walks the waiting ones at most that often.
+        """
+        now = at.mono
+        if self.scheduler.ready_count(now) == 0:
+            return [], now < self.scheduler.paused_until
+        out: list[Effect] = []
+        if now >= self._sweep_at:
+            self._sweep_at = now + SWEEP_INTERVAL_S
+            for task_id in self.scheduler.waiting():
+                task = self._active.get(task_id)
+                if task is not None and task.state is State.POLLING and overdue(task, now):
+                    out += self._finish(task, "timeout", _timeout_reason(task), at)
+        return out, True
+
+    def _finish(
+        self, task: Task, kind: ev.EventType, reason: str | None, at: Instant
+    ) -> list[Effect]:
+        cfg = self.config
+        self.scheduler.cancel(task.task_id)
+        del self._active[task.task_id]
+        task.state = State.PUBLISHING
+        event = ev.build_event(
+            kind=kind,
+            task_id=task.task_id,
+            model=task.model,
+            prediction=task.prediction,
+            reason=reason,
+            created_at=task.created_wall,
+            observed_at=at.wall,
+            polls=task.polls,
+            metadata=task.metadata,
+            source=cfg.events.source,
+            input_key=task.key,
+            origins=list(task.origins),
+        )
+        topic, mode = self._topics[kind], cfg.events.mode
+        ticket = next(self._tickets)
+        self._unacked[ticket] = _EventOut(task, kind, at)
+        return [
+            facts.Finished(task, kind, reason),
+            Publish(
+                ticket,
+                ev.event_record(topic, event, task.headers, mode),
+                _reduced(event, topic, mode),
+            ),
+        ]
+
+    # --- the broker acknowledges ---------------------------------------------------------
+
+    def acknowledged(self, ticket: int, at: Instant) -> list[Effect]:
+        """The broker has the record (or it was given up): its input offsets are done."""
+        out = self._unacked.pop(ticket, None)
+        if out is None:
+            return []
+        if isinstance(out, _DeadLetterOut):
+            self.offsets.done(out.partition, out.offset)
+            return [facts.DeadLetterDelivered(out.reason)]
+        for topic, partition, offset in out.task.origins:
+            self.offsets.done((topic, partition), offset)
+        return [facts.Delivered(out.task, out.kind, out.finished, at)]
+
+    # --- rebalances ----------------------------------------------------------------------
+
+    def park(self, partitions: set[Partition]) -> None:
+        """Stop polling the tasks of revoked ``partitions``; keep them for a comeback.
+
+        If the same partitions come back (the usual case in an eager rebalance), the
+        re-fetched records revive them with their poll history instead of starting over.
+        """
+        for task in list(self._active.values()):
+            if task.state is not State.POLLING:
+                continue
+            keep = [o for o in task.origins if (o[0], o[1]) not in partitions]
+            if len(keep) == len(task.origins):
+                continue
+            if keep:
+                task.origins = keep
+                continue
+            self.scheduler.cancel(task.task_id)
+            task.state = State.PARKED
+
+    def release(self, partitions: set[Partition], why: str) -> list[Effect]:
+        """Forget ``partitions`` (after their last commit), counting the records the next
+        owner will publish again: finished behind an unfinished one, or not acknowledged."""
+        ahead = sum(self.offsets.done_ahead(part) for part in partitions)
+        unacked = sum(
+            1
+            for d in self._unacked.values()
+            if isinstance(d, _EventOut)
+            for t, p, _ in d.task.origins
+            if (t, p) in partitions
+        )
+        for part in partitions:
+            self.offsets.drop(part)
+        parked = sum(1 for t in self._active.values() if t.state is State.PARKED)
+        numbers = sorted(p for _, p in partitions)
+        return [facts.Released(numbers, why, parked, ahead + unacked)]
+
+    def assign(self, partitions: set[Partition]) -> list[Effect]:
+        """Start ``partitions`` clean; parked tasks of partitions that went elsewhere belong
+        to their new owner now."""
+        for part in partitions:
+            self.offsets.drop(part)
+        handed_over = 0
+        for task_id, task in list(self._active.items()):
+            if task.state is State.PARKED and not task.partitions() & partitions:
+                del self._active[task_id]
+                handed_over += 1
+        kept = sum(1 for t in self._active.values() if t.state is State.PARKED)
+        numbers = sorted(p for _, p in partitions)
+        return [facts.Assigned(numbers, kept, handed_over)]
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _priority(self, task_id: str, due: float) -> float:
+        task = self._active.get(task_id)
+        return self.policy.priority(task, due) if task is not None else -due
+
+
+def _timeout_reason(task: Task) -> str:
+    reason = f"deadline of {task.timeout_s:g}s passed"
+    if task.last_error:
+        return reason + f"; last poll: {task.last_error}"
+    status = task.prediction.status if task.prediction is not None else None
+    return reason + f"; last status: {status or 'none seen'}"
+
+
+def _reduced(
+    event: dict[str, object], topic: str, mode: ev.EventMode
+) -> Callable[[], ev.OutputRecord]:
+    """The same event without what came from the input, for when it is too large to send."""
+
+    def build() -> ev.OutputRecord:
+        data = dict(event["data"])  # type: ignore[call-overload]
+        data["metadata"] = None
+        data["input"] = {**data["input"], "key": None}
+        return ev.event_record(topic, {**event, "data": data}, (), mode)
+
+    return build

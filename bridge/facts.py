@@ -1,0 +1,123 @@
+"""What the core returns: effects to carry out and facts to report. Plain data.
+
+:class:`Publish` is the one effect (the outbox produces the record and reports the broker's
+acknowledgement back to the core by ticket). Every other value is a fact: something that
+happened, which ``bridge.telemetry`` turns into log lines and metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bridge.clock import Instant
+from bridge.events import EventType, OutputRecord
+from bridge.outcomes import Outcome
+from bridge.tasks import Task
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Produce ``record``; ``reduced`` builds a smaller one if it can never be sent."""
+
+    ticket: int
+    record: OutputRecord
+    reduced: Callable[[], OutputRecord] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    task: Task
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """An input record for a task id already being polled: one poll, one event for both."""
+
+    task_id: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Revived:
+    """A parked task whose record came back after a rebalance: polled on, history kept."""
+
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    partition: int
+    offset: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterDelivered:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A task reached its outcome; its event is being produced."""
+
+    task: Task
+    kind: EventType
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The broker acknowledged a task's event (or it was given up): the task is done."""
+
+    task: Task
+    kind: EventType
+    finished: Instant
+    at: Instant
+
+
+@dataclass(frozen=True, slots=True)
+class Paused:
+    """Every poll waits: a 429, a 401/403 or a Retry-After. ``announce``: the first of a pause."""
+
+    reason: str
+    seconds: float
+    added_s: float  # how much this extended the pause
+    outcome: Outcome
+    announce: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """Partitions left this member (``why``: revoked or shutdown) after their last commit."""
+
+    partitions: list[int]
+    why: str
+    parked: int
+    duplicate_risk: int  # records the next owner will publish again
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    partitions: list[int]
+    kept_parked: int
+    handed_over: int  # parked tasks whose partitions went to another member
+
+
+Fact = (
+    Consumed
+    | Joined
+    | Revived
+    | DeadLettered
+    | DeadLetterDelivered
+    | Finished
+    | Delivered
+    | Paused
+    | Released
+    | Assigned
+)
+Effect = Publish | Fact

@@ -1,0 +1,152 @@
+"""The consume loop: input records from Kafka into the core, with back-pressure.
+
+``getmany`` runs every 200 ms whatever happens, which keeps this member inside
+``max.poll.interval.ms`` however long tasks take; at ``polling.max_in_flight`` open records
+the partitions are paused instead of buffering. Where each partition starts is decided
+here on assignment, and a record the client cannot decode is isolated and dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from bridge import kafka as kafka_io
+from bridge.clock import Clock
+from bridge.config import Config
+from bridge.core import Core, Partition
+from bridge.metrics import Metrics
+from bridge.outbox import Outbox
+
+log = structlog.get_logger("wavespeed_bridge")
+
+
+class Intake:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        *,
+        core: Core,
+        outbox: Outbox,
+        config: Config,
+        clock: Clock,
+        metrics: Metrics,
+        wake_dispatch: Callable[[], None],
+    ) -> None:
+        self._consumer, self._core, self._outbox = consumer, core, outbox
+        self._config, self._clock, self._metrics = config, clock, metrics
+        self._wake_dispatch = wake_dispatch
+        self.paused = False
+        self.running = True  # a cancel that asyncio.wait_for swallows must still end the loop
+        # Per assigned partition, the offset after the last record handed over (or the start).
+        self._next_offset: dict[Partition, int] = {}
+
+    async def run(self) -> None:
+        consumer = self._consumer
+        cap = self._config.polling.max_in_flight
+        batch_cap = self._config.kafka.fetch_max_records
+        while self.running:
+            room = cap - self._core.open_records
+            self._set_paused(room <= 0)
+            try:
+                batch = await consumer.getmany(
+                    timeout_ms=200, max_records=max(1, min(batch_cap, room))
+                )
+            except Exception as exc:  # a record it cannot decode, or the fetch itself failed
+                if not kafka_io.undecodable(exc):
+                    log.warning("fetch failed, retrying", error=type(exc).__name__)
+                    await asyncio.sleep(1.0)
+                    continue
+                await self._skip_undecodable(batch_cap)
+                continue
+            for messages in batch.values():
+                for msg in messages:
+                    self._take(msg)
+            if batch:
+                self._wake_dispatch()
+
+    def _take(self, msg: ConsumerRecord[bytes, bytes]) -> None:
+        rec = kafka_io.to_record(msg)
+        self._next_offset[(rec.topic, rec.partition)] = rec.offset + 1
+        self._outbox.apply(self._core.on_record(rec, self._clock.read()))
+
+    async def _skip_undecodable(self, limit: int) -> None:
+        """A record the client cannot decode (a codec it lacks, a corrupt batch, a header
+        name that is not UTF-8) fails getmany(), and aiokafka may already have moved past
+        good records fetched with it. Rewind every partition to the record after the last
+        one handed over, then read each one record at a time: a record that fails is
+        dead-lettered by its offset and skipped, the rest are handled as usual."""
+        consumer = self._consumer
+        for tp in sorted(consumer.assignment()):
+            part = (tp.topic, tp.partition)
+            if part in self._next_offset:
+                consumer.seek(tp, self._next_offset[part])
+        for tp in sorted(consumer.assignment()):
+            part = (tp.topic, tp.partition)
+            for _ in range(limit):
+                try:
+                    got = await consumer.getmany(tp, timeout_ms=100, max_records=1)
+                except Exception as exc:
+                    if not kafka_io.undecodable(exc) or part not in self._next_offset:
+                        break
+                    offset = self._next_offset[part]
+                    self._next_offset[part] = offset + 1
+                    why = kafka_io.describe_error(exc)
+                    self._outbox.apply(self._core.on_undecodable(*part, offset, why))
+                    consumer.seek(tp, offset + 1)
+                    continue
+                if not got:
+                    break
+                for messages in got.values():
+                    for msg in messages:
+                        self._take(msg)
+        self._wake_dispatch()
+
+    def _set_paused(self, pause: bool) -> None:
+        if pause == self.paused:
+            return
+        parts = self._consumer.assignment()
+        if pause:
+            self._consumer.pause(*parts)
+            log.info("in-flight cap reached, fetching paused", in_flight=self._core.open_records)
+        else:
+            self._consumer.resume(*parts)
+            log.info("fetching resumed", in_flight=self._core.open_records)
+        self.paused = pause
+        self._metrics.consumer_paused.set(1 if pause else 0)
+
+    # --- assignment ------------------------------------------------------------------------
+
+    async def start_partitions(self, assigned: set[TopicPartition]) -> None:
+        """Start each partition where the bridge decides, and remember it: the committed
+        offset, else the beginning or the end (``auto_offset_reset``)."""
+        consumer = self._consumer
+        for tp in assigned:
+            self._next_offset.pop((tp.topic, tp.partition), None)
+        if assigned:
+            try:
+                starts = await kafka_io.committed_offsets(consumer, assigned)
+                missing = [tp for tp in assigned if tp not in starts]
+                if missing:
+                    reset = (
+                        consumer.beginning_offsets
+                        if self._config.kafka.auto_offset_reset == "earliest"
+                        else consumer.end_offsets
+                    )
+                    starts |= await reset(missing)
+            except (KafkaError, TimeoutError) as exc:  # aiokafka's own reset applies then
+                log.warning("start offsets unknown", error=type(exc).__name__)
+                starts = {}
+            for tp, offset in starts.items():
+                consumer.seek(tp, offset)
+                self._next_offset[(tp.topic, tp.partition)] = offset
+        if self.paused:
+            consumer.pause(*assigned)
+
+    def forget(self, partitions: set[Partition]) -> None:
+        for part in partitions:
+            self._next_offset.pop(part, None)

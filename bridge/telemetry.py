@@ -1,0 +1,185 @@
+"""Facts and measurements into log lines and Prometheus series: the only place that knows both.
+
+Each fact type from :mod:`bridge.facts` has one small handler here; the loops of the
+shell report their own measurements (a request's duration, a poll's lateness) through
+the methods below, and :meth:`Telemetry.gauges` samples the core's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+
+from bridge import facts
+from bridge.core import Core
+from bridge.facts import Effect
+from bridge.metrics import Metrics
+from bridge.outcomes import Kind, Outcome, error_kind, status_class
+
+log = structlog.get_logger("wavespeed_bridge")
+
+
+class Telemetry:
+    def __init__(self, metrics: Metrics, core: Core, *, now: float) -> None:
+        self.metrics = metrics
+        self._core = core
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            facts.Consumed: self._consumed,
+            facts.Joined: self._joined,
+            facts.Revived: lambda f: None,
+            facts.DeadLettered: self._dead_lettered,
+            facts.DeadLetterDelivered: self._dead_letter_delivered,
+            facts.Finished: self._finished,
+            facts.Delivered: self._delivered,
+            facts.Paused: self._paused,
+            facts.Released: self._released,
+            facts.Assigned: self._assigned,
+        }
+        self._budget_wait_seen = 0.0
+        self._taken_seen = 0  # scheduler.taken at the last gauge sample
+        self._sampled_at = now
+
+    def observe(self, effects: Iterable[Effect]) -> None:
+        for fact in effects:
+            handler = self._handlers.get(type(fact))
+            if handler is not None:
+                handler(fact)
+
+    # --- facts -----------------------------------------------------------------------------
+
+    def _consumed(self, f: facts.Consumed) -> None:
+        m = self.metrics
+        m.consumed.labels(m.model_label(f.task.model)).inc()
+        m.in_flight.set(self._core.in_flight)
+        log.info(
+            "task consumed",
+            task_id=f.task.task_id,
+            model=f.task.model,
+            partition=f.partition,
+            offset=f.offset,
+        )
+
+    def _joined(self, f: facts.Joined) -> None:
+        self.metrics.duplicates.inc()
+        log.info(
+            "duplicate task id joined the one in flight",
+            task_id=f.task_id,
+            partition=f.partition,
+            offset=f.offset,
+        )
+
+    def _dead_lettered(self, f: facts.DeadLettered) -> None:
+        log.warning(
+            "message dead-lettered",
+            reason=f.reason,
+            detail=f.detail,
+            partition=f.partition,
+            offset=f.offset,
+        )
+
+    def _dead_letter_delivered(self, f: facts.DeadLetterDelivered) -> None:
+        self.metrics.dead_letters.labels(f.reason).inc()
+        self.metrics.published.labels("dead_letter").inc()
+
+    def _finished(self, f: facts.Finished) -> None:
+        t = f.task
+        log.info(
+            "task finished",
+            task_id=t.task_id,
+            model=t.model,
+            outcome=f.kind,
+            polls=t.polls,
+            reason=f.reason,
+            partition=t.origins[0][1] if t.origins else None,
+            offset=t.origins[0][2] if t.origins else None,
+        )
+
+    def _delivered(self, f: facts.Delivered) -> None:
+        m, t, kind = self.metrics, f.task, f.kind
+        model = m.model_label(t.model)
+        m.finished.labels(model, kind).inc()
+        m.published.labels(kind).inc()
+        m.polls_per_task.labels(model).observe(t.polls)
+        m.end_to_end.labels(model, kind).observe(max(0.0, f.at.wall - t.created_wall))
+        m.publish_latency.observe(max(0.0, f.at.mono - f.finished.mono))
+        m.in_flight.set(self._core.in_flight)
+        p = t.prediction
+        if kind == "completed" and p is not None and p.inference_ms is not None:
+            m.inference.labels(model).observe(p.inference_ms / 1000.0)
+        if kind != "timeout" and t.last_pending_poll is not None:
+            m.detection_delay.labels(model).observe(f.finished.mono - t.last_pending_poll)
+
+    def _paused(self, f: facts.Paused) -> None:
+        if f.added_s:
+            self.metrics.paused_seconds.labels(f.reason).inc(f.added_s)
+        if f.announce:
+            logger = log.error if f.reason == "auth" else log.warning
+            logger(
+                "polling paused for every task",
+                reason=f.outcome.reason,
+                status=f.outcome.status_code,
+                pause_s=round(f.seconds, 3),
+            )
+
+    def _released(self, f: facts.Released) -> None:
+        self.metrics.rebalance_duplicates.inc(f.duplicate_risk)
+        self.metrics.in_flight.set(self._core.in_flight)
+        if f.why == "revoked":
+            log.info(
+                "partitions revoked",
+                partitions=f.partitions,
+                parked=f.parked,
+                duplicate_risk=f.duplicate_risk,
+            )
+
+    def _assigned(self, f: facts.Assigned) -> None:
+        m = self.metrics
+        m.rebalances.inc()
+        m.assigned_partitions.set(len(f.partitions))
+        m.revoked_in_flight.inc(f.handed_over)
+        log.info(
+            "partitions assigned",
+            partitions=f.partitions,
+            kept_parked=f.kept_parked,
+            handed_over=f.handed_over,
+        )
+
+    # --- measurements from the shell -------------------------------------------------------
+
+    def request_done(self, outcome: Outcome, seconds: float) -> None:
+        m = self.metrics
+        m.api_request_duration.observe(seconds)
+        m.api_responses.labels(status_class(outcome.status_code)).inc()
+        m.api_up.set(0 if outcome.kind in (Kind.TRANSIENT, Kind.AUTH) else 1)
+        kind = error_kind(outcome)
+        if kind is not None:
+            m.api_errors.labels(kind).inc()
+        if outcome.kind is Kind.AUTH:
+            m.auth_errors.inc()
+        elif outcome.kind is Kind.RATE_LIMITED:
+            m.rate_limited.inc()
+
+    def gauges(self, now: float, lag: int | None) -> None:
+        """Sample the core's state (every commit interval)."""
+        m, core = self.metrics, self._core
+        scheduler = core.scheduler
+        m.in_flight.set(core.in_flight)
+        m.due.set(scheduler.ready_count(now))
+        m.budget_wait.inc(max(0.0, scheduler.budget_wait_s - self._budget_wait_seen))
+        self._budget_wait_seen = scheduler.budget_wait_s
+        budget = scheduler.budget
+        if budget is not None and now > self._sampled_at:
+            allowed = budget.rate * (now - self._sampled_at)
+            spent = scheduler.taken - self._taken_seen
+            m.budget_utilization.set(min(1.0, spent / allowed))
+        self._sampled_at, self._taken_seen = now, scheduler.taken
+        stats = getattr(core.policy, "model_stats", None)  # only learning policies have it
+        if stats is not None:
+            for model, (median, p90) in stats().items():
+                label = m.model_label(model)
+                m.model_completion.labels(label, "50").set(median)
+                m.model_completion.labels(label, "90").set(p90)
+        if lag is not None:
+            m.consumer_lag.set(lag)
