@@ -24,29 +24,41 @@ from bench.throughput.scenarios.concurrent import concurrent, naive_concurrent
 from bench.throughput.scenarios.memory import memory
 from bench.throughput.scenarios.sustained import naive_sustained, sustained_all
 from bench.throughput.settings import Settings
-from bench.throughput.stack import RESULTS, SIM_CORE, Stack, say
+from bench.throughput.stack import BROKERS, RESULTS, SIM_CORE, Stack, say
 
 
 async def run(s: Settings, workdir: Path) -> dict[str, Any]:
-    os.sched_setaffinity(0, {SIM_CORE})  # children (broker, simulator, py-spy) inherit it
+    os.sched_setaffinity(0, {SIM_CORE})  # children (brokers, simulator, py-spy) inherit it
     me = asyncio.current_task()
     assert me is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, me.cancel)
-    results: dict[str, Any] = {"settings": s.as_dict()}
+    results: dict[str, Any] = {"settings": s.as_dict(), "started": time.strftime("%Y-%m-%d %H:%M")}
+    load: list[dict[str, Any]] = []
+    results["load"] = load
+
+    def phase(name: str) -> None:
+        load.append({"at": name, "loadavg": list(os.getloadavg())})
+
     stack = Stack(s, workdir)
+    results["brokers"] = stack.brokers
     try:
-        say(f"starting broker and simulator on core {SIM_CORE} (work files: {workdir})")
+        say(f"starting {s.brokers[0]} and the simulator on core {SIM_CORE} (work files: {workdir})")
+        phase("start")
         await stack.start()
         if "ceilings" in s.phases:
             say("1. HTTP ceilings (bare loops)")
+            phase("ceilings")
             results["ceilings"] = await ceilings(stack)
         if "sustained" in s.phases:
             say("2. sustained end to end")
+            phase("sustained")
             results["sustained"] = await sustained_all(stack)
         if "naive" in s.phases:
+            phase("naive")
             results["naive_sustained"] = await naive_sustained(stack)
         if "concurrent" in s.phases:
             say(f"3. {s.concurrent:,} concurrent")
+            phase("concurrent")
             intervals = s.intervals_s if s.policy == "fixed" else s.intervals_s[:1]
             results["concurrent"] = [
                 await concurrent(stack, interval, profile=i == 0)
@@ -56,10 +68,22 @@ async def run(s: Settings, workdir: Path) -> dict[str, Any]:
                 results["naive_concurrent"] = await naive_concurrent(stack, intervals[0])
         if "memory" in s.phases:
             say("4. memory")
+            phase("memory")
             results["memory"] = await memory(stack)
+        phase("end")
     finally:
         await stack.stop()
     return results
+
+
+def _brokers(text: str) -> tuple[str, ...]:
+    keys = tuple(x for x in text.split(",") if x)
+    unknown = [k for k in keys if k not in BROKERS]
+    if not keys or unknown or len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(
+            f"a comma-separated list of distinct brokers from {', '.join(BROKERS)}"
+        )
+    return keys
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool, str | None]:
@@ -80,6 +104,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool, str | Non
         default="aiohttp,httpx",
         help="api.transport values to run the sustained scenario with; the first is used "
         "everywhere else",
+    )
+    p.add_argument(
+        "--brokers",
+        type=_brokers,
+        default=("kafka", "tansu"),
+        help="local brokers, comma-separated (kafka: Apache Kafka, tansu: Tansu); the first "
+        "serves every phase, the sustained scenario runs on each (default: kafka,tansu)",
+    )
+    p.add_argument(
+        "--kafka-heap-mb",
+        type=int,
+        default=1024,
+        help="the Apache Kafka JVM's heap limit (-Xmx), MB",
     )
     p.add_argument("--concurrent", type=int, default=10_000)
     p.add_argument(
@@ -106,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool, str | Non
         intervals_s=tuple(float(x) for x in a.intervals.split(",") if x),
         transport=a.transports.split(",")[0],
         compare_transports=tuple(x for x in a.transports.split(",")[1:] if x),
+        brokers=a.brokers,
+        kafka_heap_mb=a.kafka_heap_mb,
         concurrent=a.concurrent,
         concurrency=a.concurrency,
         phases=tuple(x for x in a.phases.split(",") if x),

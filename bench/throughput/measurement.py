@@ -198,3 +198,16 @@ def ms(v: float | None) -> str:
 def schedule(c: dict[str, Any]) -> str:
     interval = c.get("interval_s")
     return f"fixed every {interval:g} s" if interval else "adaptive"
+
+
+def other_work(cpu: dict[str, float], poller: float | None = None) -> float | None:
+    """Share of a core busy with work other than the named processes in one window: both
+    cores' busy time minus every named process's share (``poller``: one not in ``cpu``).
+
+    A few percent is the kernel's loopback work; more is another process on the machine.
+    """
+    cores = [v for k, v in cpu.items() if k.startswith("cpu") and k[3:].isdigit()]
+    if not cores:
+        return None
+    named = sum(v for k, v in cpu.items() if not (k.startswith("cpu") and k[3:].isdigit()))
+    return max(0.0, sum(cores) - named - (poller or 0.0))

@@ -1,5 +1,5 @@
 """The figure (``bench/results/throughput.png``): throughput of every loop and of the
-bridge end to end, poll lateness, memory, CPU by process, publish latency."""
+bridge end to end on each broker, poll lateness, memory, CPU by process, publish latency."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput.measurement import e2e, schedule
+from bench.throughput.report import broker_short, sustained_runs
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -19,6 +20,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     s = results["settings"]
     cons: list[dict[str, Any]] = results.get("concurrent", [])
     ncon = results.get("naive_concurrent")
+    sus = sustained_runs(results)
+    several = len({r.get("broker") for r in sus}) > 1
+
+    def sus_label(r: dict[str, Any]) -> str:
+        where = f"\n{broker_short(results, r.get('broker'))}" if several else ""
+        return f"{r['transport']}{where}"
 
     ax = axes[0][0]
     labels: list[str] = []
@@ -28,10 +35,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         labels.append("bare\n" + client.replace("proto-", "proto\n"))
         rates.append(r["rps"])
         colors.append("#9aa5b1")
-    for transport, r in results.get("sustained", {}).items():
-        labels.append(f"bridge e2e\n{transport}")
+    for r in sus:
+        labels.append(f"bridge e2e\n{sus_label(r)}")
         rates.append(e2e(r))
-        colors.append("#2b6cb0")
+        colors.append("#2b6cb0" if "Kafka" not in sus_label(r) else "#2c7a7b")
     if "naive_sustained" in results:
         labels.append("naive e2e")
         rates.append(e2e(results["naive_sustained"]))
@@ -100,8 +107,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     bars: list[tuple[str, dict[str, float]]] = []
     for client, r in results.get("ceilings", {}).items():
         bars.append((client.replace("proto-", "p-"), {"poller": r["cpu_share"], **r["core1"]}))
-    for transport, r in results.get("sustained", {}).items():
-        bars.append((f"e2e\n{transport}", {"poller": r["cpu"].get("bridge", 0), **r["cpu"]}))
+    for r in sus:
+        bars.append((f"e2e\n{sus_label(r)}", {"poller": r["cpu"].get("bridge", 0), **r["cpu"]}))
     if "naive_sustained" in results:
         nv = results["naive_sustained"]["cpu"]
         bars.append(("e2e\nnaive", {"poller": nv.get("naive", 0), **nv}))
@@ -122,6 +129,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     ax = axes[1][2]
     pubs = [(label, c["publish_latency"]) for label, c in runs if "publish_latency" in c]
+    pubs += [
+        (f"sustained\n{sus_label(r)}", r["publish_latency"])
+        for r in sus
+        if r["transport"] == s["transport"]
+    ]
     for j, q in enumerate(("p50", "p99")):
         vals = [1000 * min(10.0, pub[q] or 0.0) for _, pub in pubs]
         ax.bar([i + j * 0.35 for i in range(len(pubs))], vals, 0.35, label=q)
@@ -129,7 +141,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.axhline(50, color="red", linestyle="--", linewidth=1, label="p99 target 50 ms")
     ax.legend(fontsize=8, loc="upper left")
     ax.set_ylabel("ms (poll response → broker ack)")
-    ax.set_title(f"Publish latency, {s['concurrent']:,} in flight")
+    ax.set_title(f"Publish latency: {s['concurrent']:,} in flight; sustained end to end")
     ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("wavespeed-bridge on one core")
     fig.tight_layout()

@@ -18,7 +18,7 @@ import yaml
 
 from bench.procs import Scrape
 from bench.throughput.settings import Settings
-from bench.throughput.stack import API_KEY, BRIDGE_CORE, ROOT, Topics, terminate
+from bench.throughput.stack import API_KEY, BRIDGE_CORE, ROOT, RunningBroker, Topics, terminate
 from bridge.local.broker import free_port
 
 
@@ -80,7 +80,7 @@ class BridgeProc:
 
 def bridge_config(
     s: Settings,
-    bootstrap: str,
+    broker: RunningBroker,
     base_url: str,
     topics: Topics,
     *,
@@ -91,7 +91,7 @@ def bridge_config(
 ) -> dict[str, Any]:
     return {
         "kafka": {
-            "bootstrap_servers": bootstrap,
+            "bootstrap_servers": broker.bootstrap,
             "group_id": topics.group,
             "input_topic": topics.input,
             "completed_topic": topics.completed,
@@ -99,7 +99,8 @@ def bridge_config(
             "dead_letter_topic": topics.dead_letter,
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 1000,
-            "enable_idempotence": False,  # Tansu has no idempotent producer (InitProducerId)
+            # Tansu has no idempotent producer (InitProducerId); Apache Kafka has.
+            "enable_idempotence": broker.broker.features.idempotence,
         },
         "api": {
             "base_url": base_url,

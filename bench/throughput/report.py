@@ -1,4 +1,6 @@
-"""The markdown report (``bench/results/throughput.md``) from a run's results."""
+"""The markdown report (``bench/results/throughput.md``) from a run's results, including
+results saved by older versions of the script (one broker, Tansu; sustained runs keyed by
+transport)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.throughput.measurement import e2e, ms, schedule
+from bench.throughput.measurement import e2e, ms, other_work, schedule
 from bench.throughput.stack import BRIDGE_CORE, SIM_CORE
+
+# Results saved before the benchmark ran on more than one broker: all on Tansu.
+OLD_BROKER: dict[str, Any] = {"key": "tansu", "name": "Tansu, version not recorded"}
+
+
+def sustained_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sustained runs, first broker's first transport first; also from older results."""
+    sus = results.get("sustained") or []
+    if isinstance(sus, dict):  # older results: {transport: run}, all on one broker
+        return [{**r, "transport": t, "broker": OLD_BROKER["key"]} for t, r in sus.items()]
+    return list(sus)
+
+
+def brokers(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Broker key to what was recorded about it, the first broker (every phase's) first."""
+    return results.get("brokers") or {OLD_BROKER["key"]: OLD_BROKER}
+
+
+def broker_name(results: dict[str, Any], key: str | None) -> str:
+    info = brokers(results).get(key or OLD_BROKER["key"])
+    return str(info["name"]) if info else str(key)
+
+
+def broker_short(results: dict[str, Any], key: str | None) -> str:
+    """ "Kafka", "Tansu": for plot labels."""
+    name = broker_name(results, key)
+    return "Kafka" if "Kafka" in name else name.split()[0]
 
 
 def _pct(v: float | None) -> str:
@@ -21,25 +50,45 @@ def _cpu(result: dict[str, Any], key: str) -> str:
     return _pct(result.get("cpu", {}).get(key))
 
 
+def _mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:,.0f} MiB"
+
+
 def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str) -> str:
     s = results["settings"]
+    infos = brokers(results)
+    first = next(iter(infos))
     lines: list[str] = []
     add = lines.append
     add("# Throughput: one core, 10,000 concurrent tasks (issue 6)")
     add("")
+    names = " and ".join(f"{i['name']}" for i in infos.values())
     add(
         f"Produced by `{command}` in {elapsed / 60:.1f} min on {os.cpu_count()} cores "
         f"({platform.machine()}), Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}. Pollers under test run pinned to core "
-        f"{BRIDGE_CORE} (`taskset`); the simulator, the Tansu broker and the bench's feeder "
-        f"share core {SIM_CORE}. Policy `{s['policy']}` (jitter 0), `api.transport: "
+        f"{results.get('started') or time.strftime('%Y-%m-%d %H:%M')}. Pollers under test run "
+        f"pinned to core {BRIDGE_CORE} (`taskset`); the simulator, the "
+        f"{'brokers' if len(infos) > 1 else 'broker'} ({names}) and the bench's feeder share "
+        f"core {SIM_CORE}. "
+        + (
+            f"Every phase runs on {infos[first]['name']}; the sustained end-to-end scenario "
+            "runs on each broker. "
+            if len(infos) > 1
+            else ""
+        )
+        + f"Policy `{s['policy']}` (jitter 0), `api.transport: "
         f"{s['transport']}`, `api.max_concurrent_requests: {s['concurrency']}`, production "
         "logging (JSON, INFO). Working files: see Method."
     )
     add("")
+    machine = _machine_note(results)
+    if machine:
+        add(machine)
+        add("")
     ceil = results.get("ceilings", {})
-    sus = results.get("sustained", {})
-    main = sus.get(s["transport"], {})
+    runs = sustained_runs(results)
+    main = runs[0] if runs else {}
+    by_broker = [r for r in runs if r["transport"] == s["transport"]]
     nv = results.get("naive_sustained")
     cons: list[dict[str, Any]] = results.get("concurrent", [])
     ncon = results.get("naive_concurrent")
@@ -50,13 +99,14 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
     add("")
     add("| target | measured | met |")
     add("|---|---|---|")
-    if main:
-        rate = e2e(main)
+    for r in by_broker:
+        rate = e2e(r)
         ratio = f" = {rate / bare:.1%} of the bare aiohttp loop" if bare else ""
         add(
             "| ≥ 1,000 polls/s sustained end to end, one core (every poll completes its task: "
-            f"the rate is tasks acknowledged per second) | {rate:,.0f}/s{ratio} "
-            f"({main['polls_per_s']:,.0f} polls/s, {main['tasks_per_s']:,.0f} tasks/s) | "
+            "the rate is tasks acknowledged per second), on "
+            f"{broker_name(results, r.get('broker'))} | {rate:,.0f}/s{ratio} "
+            f"({r['polls_per_s']:,.0f} polls/s, {r['tasks_per_s']:,.0f} tasks/s) | "
             f"{_met(1000, rate)} |"
         )
     if cons:
@@ -68,7 +118,8 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
         )
         pub = c["publish_latency"]
         add(
-            f"| publish latency p99 < 50 ms at that load | {ms(pub['p99'])}"
+            f"| publish latency p99 < 50 ms at that load, on "
+            f"{broker_name(results, c.get('broker'))} | {ms(pub['p99'])}"
             f"{_bucket_note(pub)} | {_met_publish(pub)} |"
         )
     big = [p for p in mem if p["in_flight"] >= 100_000]
@@ -79,6 +130,11 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
         )
     add("")
 
+    if by_broker:
+        add("## Sustained end to end on each broker")
+        add("")
+        add(_brokers_md(results, by_broker, bare))
+
     add("## Throughput and CPU")
     add("")
     add(
@@ -86,7 +142,7 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
         "| bench CPU | core 0 / core 1 busy |"
     )
     add("|---|---|---|---|---|---|---|---|")
-    names = {
+    clients = {
         "aiohttp": "aiohttp `ClientSession`",
         "httpx-aiohttp": "httpx over httpx-aiohttp",
         "bridge-api": "the bridge's `ApiClient` (aiohttp session, size cap, `interpret`)",
@@ -96,27 +152,30 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
     for client, r in ceil.items():
         c1 = r["core1"]
         add(
-            f"| bare polling loop, {s['concurrency']} connections | {names.get(client, client)} "
+            f"| bare polling loop, {s['concurrency']} connections | "
+            f"{clients.get(client, client)} "
             f"| {r['rps']:,.0f} req/s, {_us(r['cpu_share'], r['rps'])} | "
             f"{_pct(r['cpu_share'])} | {_pct(c1.get('simulator'))} "
             f"| {_pct(c1.get('broker'))} | {_pct(c1.get('bench'))} | "
             f"{_pct(c1.get('cpu0'))} / {_pct(c1.get('cpu1'))} |"
         )
-    for transport, r in sus.items():
+    for r in runs:
         ratio = f" ({e2e(r) / bare:.1%} of bare aiohttp)" if bare else ""
         retries = r.get("publish_failures_per_s")
         note = f"; {retries:,.0f} publish retries/s" if retries else ""
         add(
-            f"| sustained end to end, done on 1st poll | bridge, `transport: {transport}` | "
+            f"| sustained end to end, done on 1st poll, {broker_name(results, r.get('broker'))} "
+            f"| bridge, `transport: {r['transport']}` | "
             f"{r['polls_per_s']:,.0f} polls/s, {r['tasks_per_s']:,.0f} tasks/s{ratio}, "
             f"{_us(r['cpu'].get('bridge', 0.0), e2e(r))}{note} | " + _cpu_cells(r, "bridge")
         )
     if nv:
         ratio = f" ({e2e(nv) / bare:.1%} of bare aiohttp)" if bare else ""
         add(
-            f"| sustained end to end, done on 1st poll | naive: coroutine per task, sleep(1), "
-            f"default httpx | {nv['polls_per_s']:,.0f} polls/s, {nv['tasks_per_s']:,.0f} "
-            f"tasks/s{ratio} | " + _cpu_cells(nv, "naive")
+            "| sustained end to end, done on 1st poll, "
+            f"{broker_name(results, nv.get('broker'))} | naive: coroutine per task, "
+            f"sleep(1), default httpx | {nv['polls_per_s']:,.0f} polls/s, "
+            f"{nv['tasks_per_s']:,.0f} tasks/s{ratio} | " + _cpu_cells(nv, "naive")
         )
     for c in cons:
         offered = c.get("offered_polls_per_s")
@@ -162,26 +221,6 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
                 f"{_pct(c['cpu'].get(who))} | {rss} |"
             )
         add("")
-    if main:
-        pub = main["publish_latency"]
-        g = main.get("gauges", {})
-        retries = main.get("log_publish_retries")
-        add(
-            f"Sustained load (`transport: {s['transport']}`), for reference: publish latency "
-            f"p50 / p99 {ms(pub['p50'])} / {ms(pub['p99'])}; events produced and not yet "
-            f"acknowledged (mean) {g.get('events_pending', {}).get('mean', math.nan):,.0f}; "
-            f"requests in flight (mean) "
-            f"{g.get('api_requests_in_flight', {}).get('mean', math.nan):.0f} of "
-            f"{s['concurrency']}; polls due (mean) "
-            f"{g.get('polls_due', {}).get('mean', math.nan):,.0f}"
-            + (
-                f'; "publish failed, retrying" (KafkaTimeoutError) logged {retries:,} times '
-                "over the phase (window and profile)."
-                if retries is not None
-                else "."
-            )
-        )
-        add("")
     if mem:
         add("## Memory")
         add("")
@@ -201,7 +240,10 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
             )
         add("")
     for label, prof in (
-        ("the sustained load", main.get("profile") if main else None),
+        (
+            f"the sustained load on {broker_name(results, main.get('broker'))}",
+            main.get("profile") if main else None,
+        ),
         (
             f"{s['concurrent']:,} in flight, {schedule(cons[0])}" if cons else "",
             cons[0].get("profile") if cons else None,
@@ -214,9 +256,118 @@ def report(results: dict[str, Any], workdir: Path, elapsed: float, command: str)
             add("")
     add("## Method")
     add("")
-    first = cons[0]["interval_s"] if cons and cons[0].get("interval_s") else 10.0
-    add(_METHOD.format(interval=first, n=s["concurrent"], workdir=workdir))
+    interval = cons[0]["interval_s"] if cons and cons[0].get("interval_s") else 10.0
+    if "brokers" in results:
+        add(_METHOD_BROKERS)
+    add(_METHOD.format(interval=interval, n=s["concurrent"], workdir=workdir))
     return "\n".join(lines) + "\n"
+
+
+def _brokers_md(results: dict[str, Any], runs: list[dict[str, Any]], bare: float | None) -> str:
+    infos = brokers(results)
+    out = [
+        "| broker | end to end | bridge CPU | publish latency p50 / p99 | "
+        "events produced, not yet acked (mean) | requests in flight / polls due (mean) | "
+        "broker CPU | broker RSS (ready / in the window) | idempotent producer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        info = infos.get(r.get("broker") or OLD_BROKER["key"], {})
+        g = r.get("gauges", {})
+        pub = r["publish_latency"]
+        ratio = f" = {e2e(r) / bare:.1%} of bare aiohttp" if bare else ""
+        retries = r.get("log_publish_retries")
+        retry_note = f"; {retries:,} publish retries logged" if retries else ""
+        idem = info.get("idempotence")
+        out.append(
+            f"| {info.get('name', r.get('broker'))} | {e2e(r):,.0f} tasks/s{ratio} "
+            f"({r['polls_per_s']:,.0f} polls/s){retry_note} | {_cpu(r, 'bridge')}, "
+            f"{_us(r['cpu'].get('bridge', 0.0), e2e(r))} | {ms(pub['p50'])} / "
+            f"{ms(pub['p99'])} | {g.get('events_pending', {}).get('mean', math.nan):,.0f} | "
+            f"{g.get('api_requests_in_flight', {}).get('mean', math.nan):.0f} of "
+            f"{results['settings']['concurrency']} / "
+            f"{g.get('polls_due', {}).get('mean', math.nan):,.0f} | {_cpu(r, 'broker')} | "
+            f"{_mib(info.get('rss_mb_ready'))} / {_mib(r.get('broker_rss_mb'))} | "
+            f"{'n/a' if idem is None else ('yes' if idem else 'no')} |"
+        )
+    out.append("")
+    for key, info in infos.items():
+        if "runtime" not in info:
+            continue
+        heap = f"; heap limit {info['heap_mb']:,} MB" if info.get("heap_mb") else ""
+        out.append(
+            f"- **{info['name']}**: {info['runtime']}{heap}; pinned to core(s) "
+            f"{', '.join(str(c) for c in info['cores'])} (every thread, `taskset -a`); "
+            f"ready {info['startup_s']:.1f} s after start; RSS at its last use "
+            f"{_mib(info.get('rss_mb_end'))}"
+            + (" (every phase ran on it)." if key == next(iter(infos)) else ".")
+        )
+    idle = [r for r in runs if "idle broker" in r.get("cpu", {})]
+    if idle:
+        out.append(
+            f"- While another broker is measured, {next(iter(infos.values()))['name']} stays up "
+            "idle on core 1: "
+            + ", ".join(
+                f"{_pct(r['cpu']['idle broker'])} of a core during the "
+                f"{broker_name(results, r.get('broker'))} window"
+                for r in idle
+            )
+            + "."
+        )
+    out.append("")
+    return "\n".join(out)
+
+
+def windows(results: dict[str, Any]) -> list[tuple[str, float]]:
+    """Each measured window's other work (see :func:`other_work`), labelled."""
+    out: list[tuple[str, float | None]] = []
+    for client, r in results.get("ceilings", {}).items():
+        out.append((f"bare {client}", other_work(r["core1"], r["cpu_share"])))
+    for r in sustained_runs(results):
+        out.append(
+            (
+                f"sustained {r['transport']} on {broker_name(results, r.get('broker'))}",
+                other_work(r["cpu"]),
+            )
+        )
+    if results.get("naive_sustained"):
+        out.append(("naive sustained", other_work(results["naive_sustained"]["cpu"])))
+    for c in results.get("concurrent", []):
+        out.append((f"concurrent, {schedule(c)}", other_work(c["cpu"])))
+    if results.get("naive_concurrent"):
+        out.append(("naive concurrent", other_work(results["naive_concurrent"]["cpu"])))
+    return [(label, v) for label, v in out if v is not None]
+
+
+def _machine_note(results: dict[str, Any]) -> str:
+    """Was anything else running? Other work per window, and load averages."""
+    seen = windows(results)
+    if not seen:
+        return ""
+    values = sorted(v for _, v in seen)
+    median = values[len(values) // 2]
+    worst = max(seen, key=lambda x: x[1])
+    loaded = median > 0.10 or worst[1] > 0.30
+    verdict = (
+        "**the machine was loaded** by other work during this run: absolute rates are "
+        "lower than on a quiet machine; the comparisons side by side (same run, same "
+        "load) hold better"
+        if loaded
+        else "the machine was quiet apart from the benchmark"
+    )
+    text = (
+        f"Other work on the machine during the measuring windows (both cores' busy time "
+        f"minus the shares of the benchmark's processes; a few percent is the kernel's "
+        f"loopback work): median {median:.0%} of a core, at most {worst[1]:.0%} "
+        f"({worst[0]}): {verdict}."
+    )
+    load = results.get("load")
+    if load:
+        text += " Load average (1 min; the benchmark itself keeps up to ~2 runnable) at " + (
+            ", ".join(f"{x['at']} {x['loadavg'][0]:.1f}" for x in load)
+        )
+        text += "."
+    return text
 
 
 def _us(cpu_share: float, rate: float) -> str:
@@ -278,6 +429,18 @@ def _profile_md(prof: dict[str, Any], label: str) -> str:
     return "\n".join(out)
 
 
+_METHOD_BROKERS = """\
+- **Brokers**: Apache Kafka is one KRaft node (broker and controller in one JVM, jars from
+  Maven Central, `bridge.local.apache_kafka`), its log on disk in the work directory
+  (Kafka's defaults: written to the page cache, no fsync per batch); Tansu
+  (`bridge.local.tansu`) keeps its log in memory. Each is pinned, every thread, to core 1
+  beside the simulator (a JVM there sees one processor). The bridge's producer is
+  idempotent where the broker has the idempotent producer (`kafka.enable_idempotence`:
+  true on Apache Kafka, false on Tansu, which lacks `InitProducerId`); acks=all on both.
+  The first broker serves every phase; for the sustained scenario each other broker is
+  started, measured the same way and stopped, while the first stays up, idle.\
+"""
+
 _METHOD = """\
 - **Bare loops** (`bench.naive bare`): 100 workers GET the result URL of 2,000 pending
   tasks round-robin and decode the JSON body, nothing else: what each HTTP stack costs
@@ -289,7 +452,7 @@ _METHOD = """\
   lacks due work and every poll is consume → GET → CloudEvent → produce (acks=all) →
   commit. polls/s is the simulator's request counter, tasks/s the bridge's
   `tasks_finished_total` (acknowledged events), over a window after a warm-up. The py-spy
-  profile (200 Hz) is taken right after the window, on the same load.
+  profile (200 Hz) is taken right after the first broker's window, on the same load.
 - **{n:,} concurrent**: a closed loop (every event read from the output topics starts a
   new task) keeps {n:,} tasks in flight: 20% flux-dev (median 8 s), 10% flux-schnell
   (2 s), 70% video (120 s) of starts, lognormal, 2% failures; mean ~100 s, so ~100

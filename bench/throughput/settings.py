@@ -16,6 +16,10 @@ class Settings:
     intervals_s: tuple[float, ...] = (10.0, 5.0)
     transport: str = "aiohttp"
     compare_transports: tuple[str, ...] = ("httpx",)
+    # Local brokers: the first serves every phase; the sustained scenario (with
+    # ``transport``) also runs on each of the others.
+    brokers: tuple[str, ...] = ("kafka", "tansu")
+    kafka_heap_mb: int = 1024
     concurrency: int = 100  # api.max_concurrent_requests and the bare loops' connections
     concurrent: int = 10_000
     memory_sizes: tuple[int, ...] = (10_000, 100_000)

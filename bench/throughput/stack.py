@@ -1,10 +1,12 @@
 """What runs on core 1 beside the bench, and the :class:`Stack` every phase runs on.
 
 Core 1 (:data:`SIM_CORE`): the bench itself, the WaveSpeed simulator (``bench.simserver``,
-:class:`Sim`) and the Tansu broker; children inherit the bench's core. Core 0
+:class:`Sim`) and the broker, Apache Kafka (one KRaft node, a JVM) or Tansu (one native
+process), started by :func:`start_broker`; children inherit the bench's core and each
+broker is pinned there again, every thread of it (:func:`pin`), once it runs. Core 0
 (:data:`BRIDGE_CORE`) is for the pollers under test (:mod:`bench.throughput.pollers`).
-:class:`Stack` owns the simulator and the broker for the whole run; every process is
-stopped by its id.
+:class:`Stack` owns the simulator and the first broker for the whole run; every process
+is stopped by its id.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +29,11 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.procs import rss_bytes
 from bench.throughput.settings import Settings
-from bridge.local.broker import free_port
-from bridge.local.tansu import TansuBroker
+from bridge.local import apache_kafka
+from bridge.local.broker import Broker, free_port
+from bridge.local.tansu import start_tansu
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -35,6 +41,7 @@ API_KEY = "bench-key-not-a-secret"
 BRIDGE_CORE = 0
 SIM_CORE = 1
 P = "wavespeed_bridge"  # the bridge's metric prefix
+BROKERS = ("kafka", "tansu")
 
 
 def say(text: str) -> None:
@@ -130,6 +137,104 @@ class Sim:
         terminate(self.process)
 
 
+# --- core 1: the brokers ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RunningBroker:
+    """A started local broker, its process id and what the report says about it."""
+
+    key: str  # "kafka" or "tansu"
+    broker: Broker
+    pid: int
+    close: Callable[[], None]
+    info: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.broker.name
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def rss_mb(self) -> float | None:
+        try:
+            return rss_bytes(self.pid) / 2**20
+        except (OSError, RuntimeError):
+            return None
+
+
+def pin(pid: int, core: int) -> list[int]:
+    """Every thread of ``pid`` on ``core`` (``taskset -a``); returns the cores it may use."""
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", str(core), str(pid)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    cores: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            cores |= os.sched_getaffinity(int(tid))
+    return sorted(cores)
+
+
+def java_version() -> str:
+    done = subprocess.run(
+        [apache_kafka.java_binary(), "-version"], capture_output=True, text=True, check=False
+    )
+    lines = done.stderr.splitlines()
+    return lines[0] if lines else "unknown"
+
+
+async def start_broker(key: str, workdir: Path, s: Settings) -> RunningBroker:
+    """Start a broker on loopback, wait until it answers, pin it to :data:`SIM_CORE`."""
+    t0 = time.monotonic()
+    broker: Broker
+    if key == "tansu":
+        tansu = await start_tansu(log_path=workdir / "broker-tansu.log")
+        assert tansu.process is not None
+        broker, pid, close = tansu, tansu.process.pid, tansu.stop
+        info: dict[str, Any] = {
+            "runtime": "native process, storage in memory",
+            "heap_mb": None,
+            "log": "broker-tansu.log",
+        }
+    elif key == "kafka":
+        directory = workdir / "kafka"
+        cluster = await apache_kafka.start_cluster(1, directory=directory, heap_mb=s.kafka_heap_mb)
+        node = cluster.nodes[0]
+        assert node.process is not None
+
+        def close() -> None:
+            cluster.close()
+            shutil.rmtree(node.directory / "data", ignore_errors=True)
+
+        broker, pid = cluster, node.process.pid
+        info = {
+            "runtime": f"one KRaft node (broker + controller), log on disk; {java_version()}, "
+            f"-Xmx{s.kafka_heap_mb}m, SerialGC",
+            "heap_mb": s.kafka_heap_mb,
+            "log": str(node.log_path.relative_to(workdir)),
+        }
+    else:
+        raise ValueError(f"unknown broker {key!r}; choose from {', '.join(BROKERS)}")
+    try:
+        cores = pin(pid, SIM_CORE)
+    except BaseException:
+        close()
+        raise
+    info |= {
+        "key": key,
+        "name": broker.name,
+        "idempotence": broker.features.idempotence,
+        "startup_s": time.monotonic() - t0,
+        "cores": cores,
+        "rss_mb_ready": rss_bytes(pid) / 2**20,
+    }
+    return RunningBroker(key, broker, pid, close, info)
+
+
 # --- topics and reading them --------------------------------------------------------------
 
 
@@ -200,14 +305,15 @@ async def event_stream(bootstrap: str, topics: list[str]) -> AsyncIterator[AIOKa
 
 
 class Stack:
-    """The simulator and the broker, up for the whole run, and what phases share."""
+    """The simulator and the first broker, up for the whole run, and what phases share."""
 
     def __init__(self, s: Settings, workdir: Path) -> None:
         self.s = s
         self.workdir = workdir
         self.rng = random.Random(s.seed)
-        self.broker = TansuBroker(log_path=workdir / "broker.log")
         self._sim: Sim | None = None
+        self._broker: RunningBroker | None = None
+        self.brokers: dict[str, dict[str, Any]] = {}  # key -> info, each broker started
         self.bg: list[asyncio.Task[Any]] = []
 
     @property
@@ -215,11 +321,26 @@ class Stack:
         assert self._sim is not None, "stack not started"
         return self._sim
 
+    @property
+    def broker(self) -> RunningBroker:
+        assert self._broker is not None, "stack not started"
+        return self._broker
+
     async def start(self) -> None:
-        self.broker.start()
-        await self.broker.wait_ready()
+        self._broker = await self.start_broker(self.s.brokers[0])
         self._sim = Sim(self.workdir)
         await self._sim.wait_ready()
+
+    async def start_broker(self, key: str) -> RunningBroker:
+        broker = await start_broker(key, self.workdir, self.s)
+        self.brokers[key] = broker.info
+        info = broker.info
+        heap = f", heap {info['heap_mb']} MB" if info["heap_mb"] else ""
+        say(
+            f"  {broker.name} on {broker.bootstrap}, core {info['cores']}{heap}, "
+            f"RSS {info['rss_mb_ready']:,.0f} MiB, ready in {info['startup_s']:.1f} s"
+        )
+        return broker
 
     async def stop(self) -> None:
         for t in self.bg:
@@ -227,19 +348,30 @@ class Stack:
         await asyncio.gather(*self.bg, return_exceptions=True)
         if self._sim is not None:
             await self._sim.stop()
-        self.broker.stop()
+        if self._broker is not None:
+            self.note_broker_rss(self._broker)
+            self._broker.close()
 
-    def core1_pids(self) -> dict[str, int]:
-        assert self.broker.process is not None
-        return {
-            "simulator": self.sim.pid,
-            "broker": self.broker.process.pid,
-            "bench": os.getpid(),
-        }
+    def note_broker_rss(self, broker: RunningBroker) -> None:
+        """The broker's RSS at its last use, for the report."""
+        rss = broker.rss_mb()
+        if rss is not None:
+            self.brokers[broker.key]["rss_mb_end"] = rss
 
-    async def topics(self) -> Topics:
+    def core1_pids(self, broker: RunningBroker | None = None) -> dict[str, int]:
+        """Processes on core 1. ``broker``: the one under test, if not the first; the first
+        then counts as ``idle broker``."""
+        pids = {"simulator": self.sim.pid, "bench": os.getpid()}
+        if broker is None or broker is self._broker:
+            pids["broker"] = self.broker.pid
+        else:
+            pids["broker"] = broker.pid
+            pids["idle broker"] = self.broker.pid
+        return pids
+
+    async def topics(self, broker: RunningBroker | None = None) -> Topics:
         t = Topics()
-        await self.broker.create_topics(t.all)
+        await (broker or self.broker).broker.create_topics(t.all)
         return t
 
     @contextlib.asynccontextmanager

@@ -3,7 +3,7 @@
 
 - :mod:`.ceilings`: bare polling loops, what each HTTP stack costs;
 - :mod:`.sustained`: the daemon (then the naive poller) with every poll completing its
-  task;
+  task, on any broker;
 - :mod:`.concurrent`: 10,000 tasks of a realistic mix kept in flight; poll lateness;
 - :mod:`.memory`: RSS per in-flight task.
 """

@@ -30,7 +30,7 @@ async def concurrent(stack: Stack, interval: float, *, profile: bool) -> dict[st
     n = s.concurrent
     topics = await stack.topics()
     config = bridge_config(
-        s, broker.bootstrap, sim.base_url, topics, interval_s=interval, max_in_flight=2 * n
+        s, broker, sim.base_url, topics, interval_s=interval, max_in_flight=2 * n
     )
     tag = f"{interval:g}s" if s.policy == "fixed" else "adaptive"
     bridge = BridgeProc(stack.workdir, f"bridge-concurrent-{tag}", config)
@@ -64,6 +64,7 @@ async def concurrent(stack: Stack, interval: float, *, profile: bool) -> dict[st
             await bridge.stop()
     result = rates(m0, m1, r0, r1, c0, c1)
     result["interval_s"] = interval if s.policy == "fixed" else None
+    result["broker"] = broker.key
     if prof is not None:
         result["profile"] = prof
     if s.policy == "fixed":  # the schedule is known from the poll times alone
@@ -122,6 +123,7 @@ async def naive_concurrent(stack: Stack, interval: float) -> dict[str, Any]:
         # does not see: created_at is used, early by the feed's few milliseconds.
         "lateness": lateness(polls, feeder.fed, interval, c0.wall, c1.wall, stopped),
         "interval_s": interval,
+        "broker": broker.key,
     }
     late = result["lateness"]
     say(

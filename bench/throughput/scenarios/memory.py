@@ -21,7 +21,7 @@ async def memory(stack: Stack) -> list[dict[str, float]]:
     # API's answer, as a task in flight does), then waits.
     config = bridge_config(
         s,
-        broker.bootstrap,
+        broker,
         sim.base_url,
         topics,
         interval_s=hour,
