@@ -2,7 +2,7 @@
 
 Run from the repo root, in the project's venv with the ``bench`` extra and py-spy::
 
-    python -m bench.throughput          # ~10 minutes on a 2-core machine
+    python -m bench.throughput          # ~8 minutes on a 2-core machine
 
 It starts the first of ``--brokers`` (default ``kafka,tansu``: Apache Kafka, one KRaft
 node with a 1 GB heap, then Tansu) and the WaveSpeed simulator (``bench.simserver``) on
