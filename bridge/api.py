@@ -15,6 +15,8 @@ import httpx
 import structlog
 import yarl
 
+from bridge import __version__
+from bridge.config import ApiConfig
 from bridge.messages import task_path
 from bridge.outcomes import Kind, Outcome, interpret
 
@@ -83,6 +85,22 @@ class ApiClient:
                     ),
                 ),
             )
+
+    @classmethod
+    def from_config(cls, a: ApiConfig, api_key: str | None) -> ApiClient:
+        return cls(
+            base_url=a.base_url,
+            result_path=a.result_path,
+            api_key=api_key,
+            connect_timeout_s=a.connect_timeout_s,
+            read_timeout_s=a.read_timeout_s,
+            total_timeout_s=a.total_timeout_s,
+            max_connections=a.max_concurrent_requests,
+            max_response_bytes=a.max_response_bytes,
+            verify_tls=a.verify_tls,
+            transport=a.transport,
+            user_agent=f"{a.user_agent}/{__version__}",
+        )
 
     async def fetch(self, task_id: str, now: float, limit_s: float | None = None) -> Outcome:
         """GET the task's result within ``api.total_timeout_s``, or ``limit_s`` if shorter

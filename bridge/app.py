@@ -18,7 +18,6 @@ import time
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from bridge import __version__
 from bridge import kafka as kafka_io
@@ -40,8 +39,6 @@ from bridge.telemetry import Telemetry
 
 log = structlog.get_logger("wavespeed_bridge")
 
-Clients = tuple[AIOKafkaConsumer, AIOKafkaProducer]
-
 
 def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:
     p = config.polling
@@ -50,23 +47,6 @@ def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:
 
         return AdaptivePolicy.from_config(p, rng=rng)
     return FixedInterval(p.interval_s, jitter=p.jitter, rng=rng)
-
-
-def make_api(config: Config, api_key: str | None) -> ApiClient:
-    a = config.api
-    return ApiClient(
-        base_url=a.base_url,
-        result_path=a.result_path,
-        api_key=api_key,
-        connect_timeout_s=a.connect_timeout_s,
-        read_timeout_s=a.read_timeout_s,
-        total_timeout_s=a.total_timeout_s,
-        max_connections=a.max_concurrent_requests,
-        max_response_bytes=a.max_response_bytes,
-        verify_tls=a.verify_tls,
-        transport=a.transport,
-        user_agent=f"{a.user_agent}/{__version__}",
-    )
 
 
 class Bridge:
@@ -91,7 +71,7 @@ class Bridge:
         )
         self.core = Core(config, policy=self.policy, rng=self.rng, now=self.clock.monotonic())
         self.telemetry = Telemetry(self.metrics, self.core, now=self.clock.monotonic())
-        self.api = make_api(config, api_key)
+        self.api = ApiClient.from_config(config.api, api_key)
         self.kafka = KafkaHealth(config.kafka, self.metrics)
         self.server = HealthServer(
             host=config.server.host,
@@ -156,38 +136,13 @@ class Bridge:
             policy=cfg.polling.policy,
             metrics=f"http://{cfg.server.host}:{self.server.port}/metrics",
         )
-        clients: Clients | None = None
+        clients: kafka_io.Clients | None = None
         try:
-            clients = await self._connect(stop)
+            clients = await self.kafka.connect(stop)
             if clients is not None:
                 await self._serve(*clients, stop)
         finally:
             await self._close(clients)
-
-    async def _connect(
-        self, stop: asyncio.Event
-    ) -> tuple[AIOKafkaConsumer, AIOKafkaProducer] | None:
-        """Start the clients, retrying while the brokers are unreachable (they may start
-        later); None if stopped first."""
-        delay = 0.5
-        while not stop.is_set():
-            consumer = kafka_io.make_consumer(self.config.kafka)
-            producer = kafka_io.make_producer(self.config.kafka)
-            try:
-                await producer.start()
-                await consumer.start()
-                self.kafka.reachable()
-                return consumer, producer
-            except KafkaError as exc:
-                await self.kafka.failed(exc, retry_in_s=delay)
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
-        return None
 
     async def _serve(
         self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, stop: asyncio.Event
@@ -292,7 +247,7 @@ class Bridge:
             note="unfinished tasks stay uncommitted and are polled again after restart",
         )
 
-    async def _close(self, clients: Clients | None) -> None:
+    async def _close(self, clients: kafka_io.Clients | None) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         if self._outbox is not None:

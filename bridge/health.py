@@ -7,6 +7,7 @@ every time; a configured topic the brokers do not list holds the events meant fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -25,6 +26,28 @@ class KafkaHealth:
         self.ok = False
         self.problem: tuple[str, str] | None = None  # (kind, why) while unreachable
         self.missing_topics: frozenset[str] = frozenset()
+
+    async def connect(self, stop: asyncio.Event) -> kafka_io.Clients | None:
+        """Start a consumer and a producer, retrying with backoff while the brokers are
+        unreachable (they may start later); None if stopped first."""
+        delay = 0.5
+        while not stop.is_set():
+            consumer = kafka_io.make_consumer(self._config)
+            producer = kafka_io.make_producer(self._config)
+            try:
+                await producer.start()
+                await consumer.start()
+                self.reachable()
+                return consumer, producer
+            except KafkaError as exc:
+                await self.failed(exc, retry_in_s=delay)
+                for client in (producer, consumer):
+                    with contextlib.suppress(Exception):
+                        await client.stop()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+        return None
 
     def reachable(self) -> None:
         self.ok, self.problem = True, None

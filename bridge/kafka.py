@@ -33,6 +33,9 @@ MAX_BATCH_BYTES = 512 * 1024
 RETRY_LOG_INTERVAL_S = 5.0
 
 
+Clients = tuple[AIOKafkaConsumer, AIOKafkaProducer]
+
+
 def client_options(config: KafkaConfig) -> dict[str, Any]:
     """Connection and security settings shared by the consumer and the producer."""
     options: dict[str, Any] = {
