@@ -25,17 +25,18 @@ from bridge.api import ApiClient
 from bridge.clock import Clock, SystemClock
 from bridge.commits import Committer
 from bridge.config import Config
-from bridge.core import Core
+from bridge.core import Core, Partition
 from bridge.dispatch import Dispatcher
 from bridge.health import KafkaHealth
 from bridge.intake import Intake
 from bridge.metrics import Metrics
-from bridge.outbox import Outbox, Publisher
+from bridge.outbox import AnyOutbox, Outbox, Publisher
 from bridge.policy import FixedInterval, PollPolicy, retry_delay
 from bridge.rebalance import Rebalance
 from bridge.server import HealthServer
 from bridge.tasks import Task
 from bridge.telemetry import Telemetry
+from bridge.transactions import TransactionalOutbox
 
 log = structlog.get_logger("wavespeed_bridge")
 
@@ -82,7 +83,7 @@ class Bridge:
         )
         self._stopping = self._started = self._assigned_once = False
         self._committer: Committer | None = None
-        self._outbox: Outbox | None = None
+        self._outbox: AnyOutbox | None = None
         self._dispatcher: Dispatcher | None = None
         self._intake: Intake | None = None
 
@@ -154,7 +155,19 @@ class Bridge:
             on_error=m.publish_failures.inc,
             on_pending=m.events_pending.set,
         )
-        outbox = self._outbox = Outbox(publisher, core, self.telemetry, self.clock)
+        transactions: TransactionalOutbox | None = None
+        outbox: AnyOutbox
+        if cfg.delivery == "exactly_once":
+
+            async def restart(part: Partition) -> None:
+                await intake.restart(part)
+
+            outbox = transactions = TransactionalOutbox(
+                core=core, telemetry=self.telemetry, clock=self.clock, config=cfg, restart=restart
+            )
+        else:
+            outbox = Outbox(publisher, core, self.telemetry, self.clock)
+        self._outbox = outbox
         dispatcher = self._dispatcher = Dispatcher(
             core=core,
             api=self.api,
@@ -178,6 +191,7 @@ class Bridge:
             telemetry=self.telemetry,
             clock=self.clock,
             interval_s=cfg.kafka.commit_interval_s,
+            transactions=transactions,
         )
         listener = Rebalance(
             core=core,
@@ -194,7 +208,9 @@ class Bridge:
             asyncio.create_task(intake.run(), name="consume"),
             asyncio.create_task(dispatcher.run(), name="dispatch"),
             asyncio.create_task(committer.run(), name="commit"),
-            asyncio.create_task(self._health_loop(producer, publisher), name="health"),
+            asyncio.create_task(
+                self._health_loop(producer, publisher, transactions), name="health"
+            ),
         ]
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -211,11 +227,18 @@ class Bridge:
     def _assigned(self) -> None:
         self._assigned_once = True
 
-    async def _health_loop(self, producer: AIOKafkaProducer, publisher: Publisher) -> None:
+    async def _health_loop(
+        self,
+        producer: AIOKafkaProducer,
+        publisher: Publisher,
+        transactions: TransactionalOutbox | None,
+    ) -> None:
         input_topic = self.config.kafka.input_topic
         while not self._stopping:
             missing = await self.kafka.probe(producer)
             publisher.hold_topics(missing - {input_topic})
+            if transactions is not None:
+                transactions.hold_topics(missing - {input_topic})
             self.metrics.ready.set(1 if self.readiness()[0] else 0)
             await asyncio.sleep(self.config.kafka.health_check_interval_s)
 
@@ -239,6 +262,7 @@ class Bridge:
         await self._outbox.settled(grace_end - time.monotonic() - 1.0)
         await self._committer.commit(timeout=max(0.5, min(5.0, grace_end - time.monotonic())))
         everything = set(self.core.offsets.partitions())
+        await self._outbox.close(everything)
         unfinished = len(self.tasks) + len(self.publishing)
         self._outbox.apply(self.core.release(everything, "shutdown"))
         log.info(

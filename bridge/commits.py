@@ -12,11 +12,14 @@ import time
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OffsetMetadataTooLargeError
+from aiokafka.structs import OffsetAndMetadata
 
+from bridge import kafka as kafka_io
 from bridge.clock import Clock
 from bridge.core import Core, Partition
 from bridge.telemetry import Telemetry
+from bridge.transactions import TransactionalOutbox
 
 log = structlog.get_logger("wavespeed_bridge")
 
@@ -30,26 +33,71 @@ class Committer:
         telemetry: Telemetry,
         clock: Clock,
         interval_s: float,
+        transactions: TransactionalOutbox | None = None,
     ) -> None:
         self._consumer, self._core, self._telemetry = consumer, core, telemetry
         self._clock, self._interval = clock, interval_s
         self.last_tick = time.monotonic()  # the liveness probe reads it
         self.running = True  # a cancel that asyncio.wait_for swallows must still end the loop
+        self._metadata_checked = False
+        self._transactions = transactions  # exactly once: offsets go in the transactions
 
     async def commit(self, *, only: set[Partition] | None = None, timeout: float = 10.0) -> None:
-        offsets = self._core.offsets
-        positions = offsets.to_commit(only)
-        if not positions:
+        """Commit each partition's position with its offset map as metadata."""
+        if self._transactions is not None:
+            await self._transactions.commit(only=only, timeout=timeout)
             return
-        request = {TopicPartition(*part): pos for part, pos in positions.items()}
+        core = self._core
+        plan = core.commit_plan(only)
+        if not plan:
+            return
+        request = {
+            TopicPartition(*part): OffsetAndMetadata(position, metadata)
+            for part, (position, metadata) in plan.items()
+        }
         try:
             await asyncio.wait_for(self._consumer.commit(request), timeout)
+        except OffsetMetadataTooLargeError:
+            core.shrink_map_limit()
+            log.error(
+                "the broker refused the offset map as too large: lower"
+                " kafka.offset_metadata_max_bytes to its offset.metadata.max.bytes",
+                now_using=core.map_limit,
+            )
+            return
         except (KafkaError, TimeoutError) as exc:
             self._telemetry.metrics.commit_failures.inc()
             log.warning("commit failed, will retry", error=type(exc).__name__)
             return
-        offsets.mark_committed(positions)
+        core.offsets.mark_committed(
+            {part: pos for part, (pos, _) in plan.items()},
+            {part: meta for part, (_, meta) in plan.items()},
+        )
         self._telemetry.metrics.commits.inc()
+        if not self._metadata_checked:
+            await self._check_metadata(plan)
+
+    async def _check_metadata(self, plan: dict[Partition, tuple[int, str]]) -> None:
+        """Read one commit back, once: a broker that drops metadata (Tansu) turns the
+        offset maps off, said once, and the bridge commits as it did without them."""
+        part = next((p for p, (_, meta) in plan.items() if meta), None)
+        if part is None:
+            return
+        try:
+            back = await kafka_io.committed_offsets(self._consumer, {TopicPartition(*part)})
+        except (KafkaError, TimeoutError):
+            return  # asked again after the next commit
+        self._metadata_checked = True
+        stored = back.get(TopicPartition(*part), (None, ""))[1]
+        if stored == plan[part][1]:
+            return
+        self._core.metadata_supported = False
+        self._core.map_bytes.clear()
+        self._telemetry.metrics.commit_metadata_supported.set(0)
+        log.warning(
+            "the broker drops commit metadata: offset maps are off, records finished out of"
+            " order above a commit are processed again after a restart or rebalance"
+        )
 
     async def run(self) -> None:
         while self.running:

@@ -58,6 +58,10 @@ class KafkaConfig:
     linger_ms: int = 5
     # Idempotent producer (acks=all): broker-side retries never duplicate or reorder an event.
     enable_idempotence: bool = True
+    # The brokers' offset.metadata.max.bytes: the offset map in each commit stays below it.
+    offset_metadata_max_bytes: int = 4096
+    # Exactly-once: transactional ids are <prefix>-<input topic>-<partition>; default group_id.
+    transactional_id_prefix: str | None = None
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     commit_interval_s: float = 1.0
     health_check_interval_s: float = 5.0
@@ -152,6 +156,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     shutdown_grace_s: float = 20.0
 
 
@@ -336,6 +341,7 @@ def _check(config: Config, problems: list[str]) -> None:
         ("kafka.fetch_max_records", k.fetch_max_records),
         ("kafka.max_message_bytes", k.max_message_bytes),
         ("kafka.commit_interval_s", k.commit_interval_s),
+        ("kafka.offset_metadata_max_bytes", k.offset_metadata_max_bytes),
         ("kafka.health_check_interval_s", k.health_check_interval_s),
         ("api.connect_timeout_s", a.connect_timeout_s),
         ("api.read_timeout_s", a.read_timeout_s),
@@ -355,6 +361,11 @@ def _check(config: Config, problems: list[str]) -> None:
         ("shutdown_grace_s", config.shutdown_grace_s),
     ):
         positive(key, value)
+    if config.delivery == "exactly_once" and not k.enable_idempotence:
+        problems.append(
+            "delivery: exactly_once needs kafka.enable_idempotence: true (transactions are"
+            " idempotent); brokers without them (Tansu) need delivery: at_least_once"
+        )
     if k.heartbeat_interval_ms >= k.session_timeout_ms:
         problems.append("kafka.heartbeat_interval_ms: must be below kafka.session_timeout_ms")
     if a.requests_per_second < 0:
@@ -440,6 +451,23 @@ def explain(config: Config) -> list[str]:
         lines.append(
             "events     CloudEvents Kafka binding, binary mode: attributes in ce_* headers,"
             " content-type application/json, the event's data as the value (events.mode)"
+        )
+    if config.delivery == "exactly_once":
+        prefix = k.transactional_id_prefix or k.group_id
+        lines.append(
+            "delivery   exactly_once: each commit interval, one transaction per input partition"
+            " carries its events and its offset (with the offset map); subscribers reading"
+            f" with isolation.level=read_committed see each outcome once. Transactional ids"
+            f" {prefix}-{k.input_topic}-<partition>: the member owning a partition owns its id,"
+            " so a replica that lost the partition is fenced. Needs a broker with"
+            " transactions (Apache Kafka, MSK, Confluent Cloud, Redpanda)"
+        )
+    else:
+        lines.append(
+            "delivery   at_least_once (default): an input offset is committed only after its"
+            " event is acknowledged, with the offsets finished above it in the commit's"
+            " metadata; a crash repeats only events acknowledged after the last commit."
+            " delivery: exactly_once needs transactions"
         )
     codecs = ", ".join(sorted(available_codecs()))
     lines.append(

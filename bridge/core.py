@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge import events as ev
-from bridge import facts
+from bridge import facts, offset_map
 from bridge.clock import Instant
 from bridge.config import Config
 from bridge.facts import Effect, Publish
@@ -74,6 +74,11 @@ class Core:
         self._pause_announced_until = float("-inf")
         self._sweep_at = float("-inf")
         k = config.kafka
+        # Exactly-once: a task answers records of one partition (one transaction each).
+        self._join_across = config.delivery == "at_least_once"
+        self._map_limit = k.offset_metadata_max_bytes
+        self.metadata_supported = True  # until a broker is seen dropping commit metadata
+        self.map_bytes: dict[Partition, int] = {}  # offset map size per partition
         self._topics: dict[ev.EventType, str] = {
             "completed": k.completed_topic,
             "failed": k.failed_topic,
@@ -107,9 +112,11 @@ class Core:
     def on_record(self, rec: Record, at: Instant) -> list[Effect]:
         part = (rec.topic, rec.partition)
         try:
-            self.offsets.add(part, rec.offset)
+            finished = self.offsets.add(part, rec.offset)
         except ValueError:
             return []  # re-delivered below the tracked position (seek after rebalance)
+        if finished:  # its event went out before (the commit's offset map says so)
+            return [facts.Skipped(rec.partition, rec.offset)]
         cfg = self.config
         parsed = parse_task(
             rec.value,
@@ -132,7 +139,7 @@ class Core:
             )
             self.scheduler.schedule(known.task_id, max(now, resume))
             return [facts.Revived(known)]
-        if known is not None:
+        if known is not None and (self._join_across or part in known.partitions()):
             # Only a task still being polled can take it: an event built cannot list it.
             known.origins.append(origin)
             return [facts.Joined(known.task_id, rec.partition, rec.offset)]
@@ -164,7 +171,8 @@ class Core:
     def on_undecodable(self, topic: str, partition: int, offset: int, why: str) -> list[Effect]:
         """A record the Kafka client could not decode: dead-lettered by its offset alone."""
         try:
-            self.offsets.add((topic, partition), offset)
+            if self.offsets.add((topic, partition), offset):
+                return [facts.Skipped(partition, offset)]
         except ValueError:
             return []
         detail = f"the Kafka client cannot decode this record ({why});"
@@ -195,7 +203,7 @@ class Core:
         return [
             facts.DeadLettered(rec.partition, rec.offset, why.reason, why.detail),
             # Too large to publish: only the dlq.* headers.
-            Publish(ticket, record, lambda: build(None, None, 0)),
+            Publish(ticket, record, lambda: build(None, None, 0), (rec.topic, rec.partition)),
         ]
 
     # --- polls ---------------------------------------------------------------------------
@@ -317,14 +325,10 @@ class Core:
         topic, mode = self._topics[kind], cfg.events.mode
         ticket = next(self._tickets)
         self._unacked[ticket] = _EventOut(task, kind, at)
-        return [
-            facts.Finished(task, kind, reason),
-            Publish(
-                ticket,
-                ev.event_record(topic, event, task.headers, mode),
-                _reduced(event, topic, mode),
-            ),
-        ]
+        record = ev.event_record(topic, event, task.headers, mode)
+        reduced = _reduced(event, topic, mode)
+        origin = (task.origins[0][0], task.origins[0][1]) if task.origins else None
+        return [facts.Finished(task, kind, reason), Publish(ticket, record, reduced, origin)]
 
     # --- the broker acknowledges ---------------------------------------------------------
 
@@ -361,9 +365,16 @@ class Core:
             task.state = State.PARKED
 
     def release(self, partitions: set[Partition], why: str) -> list[Effect]:
-        """Forget ``partitions`` (after their last commit), counting the records the next
-        owner will publish again: finished behind an unfinished one, or not acknowledged."""
-        ahead = sum(self.offsets.done_ahead(part) for part in partitions)
+        """Set ``partitions`` aside (after their last commit), counting the records the next
+        owner will publish again: finished above the commit but not in its offset map, or
+        not acknowledged yet."""
+        ahead = 0
+        for part in partitions:
+            above = self.offsets.finished_above(part)
+            committed = self.offsets.committed(part)
+            if self.metadata_supported and committed is not None:
+                above -= offset_map.decode(self.offsets.metadata(part), committed)
+            ahead += len(above)
         unacked = sum(
             1
             for d in self._unacked.values()
@@ -372,16 +383,29 @@ class Core:
             if (t, p) in partitions
         )
         for part in partitions:
-            self.offsets.drop(part)
+            self.offsets.release(part)
+            self.map_bytes.pop(part, None)
         parked = sum(1 for t in self._active.values() if t.state is State.PARKED)
         numbers = sorted(p for _, p in partitions)
         return [facts.Released(numbers, why, parked, ahead + unacked)]
 
-    def assign(self, partitions: set[Partition]) -> list[Effect]:
-        """Start ``partitions`` clean; parked tasks of partitions that went elsewhere belong
-        to their new owner now."""
-        for part in partitions:
-            self.offsets.drop(part)
+    def assign(
+        self, starts: dict[Partition, tuple[int | None, str]], *, complete: bool = True
+    ) -> list[Effect]:
+        """Start each partition at the group's committed offset with its offset map (the
+        finished offsets above it, from the commit's metadata), merged with what finished
+        here if the partition is coming back. For a ``complete`` assignment, parked tasks
+        of partitions that went elsewhere belong to their new owner now."""
+        partitions = set(starts)
+        known = 0
+        for part, (committed, metadata) in starts.items():
+            finished = offset_map.decode(metadata, committed) if committed is not None else ()
+            known += self.offsets.start(part, committed, finished)
+            if committed is not None:
+                self.offsets.mark_committed({part: committed}, {part: metadata})
+        if not complete:  # one partition started again (an aborted transaction)
+            return []
+        self.offsets.forget_released(partitions)
         handed_over = 0
         for task_id, task in list(self._active.items()):
             if task.state is State.PARKED and not task.partitions() & partitions:
@@ -389,7 +413,83 @@ class Core:
                 handed_over += 1
         kept = sum(1 for t in self._active.values() if t.state is State.PARKED)
         numbers = sorted(p for _, p in partitions)
-        return [facts.Assigned(numbers, kept, handed_over)]
+        return [facts.Assigned(numbers, kept, handed_over, known)]
+
+    def reset(self, part: Partition) -> None:
+        """Forget everything not committed for ``part`` (its transaction was aborted): its
+        tasks are parked and its unacknowledged events dropped; the records are fetched
+        again from the committed offset and revive the tasks."""
+        self.park({part})
+        for ticket, out in list(self._unacked.items()):
+            if isinstance(out, _DeadLetterOut):
+                where: Partition | None = out.partition
+            else:
+                origins = out.task.origins
+                where = (origins[0][0], origins[0][1]) if origins else None
+            if where != part:
+                continue
+            del self._unacked[ticket]
+            if isinstance(out, _EventOut):  # polled again when its record returns
+                out.task.state = State.PARKED
+                self._active.setdefault(out.task.task_id, out.task)
+        self.offsets.drop(part)
+        self.map_bytes.pop(part, None)
+
+    # --- commits -------------------------------------------------------------------------
+
+    def commit_plan(self, only: set[Partition] | None = None) -> dict[Partition, tuple[int, str]]:
+        """What to commit now: each partition whose position moved or whose offset map
+        changed, with the map as metadata (empty where the broker drops metadata)."""
+        plan: dict[Partition, tuple[int, str]] = {}
+        for part in self.offsets.partitions():
+            if only is not None and part not in only:
+                continue
+            position = self.offsets.committable(part)
+            if position is None:
+                continue
+            metadata = self._metadata(part, position, self.offsets.finished_above(part))
+            committed = self.offsets.committed(part)
+            if position != committed or metadata != self.offsets.metadata(part):
+                plan[part] = (position, metadata)
+        return plan
+
+    def transaction_plan(self, part: Partition, tickets: list[int]) -> tuple[int, str] | None:
+        """The offset to commit for ``part`` in a transaction that carries ``tickets``: as
+        if their records were acknowledged, without changing anything."""
+        extra: list[int] = []
+        for ticket in tickets:
+            out = self._unacked.get(ticket)
+            if isinstance(out, _DeadLetterOut):
+                extra.append(out.offset)
+            elif out is not None:
+                extra += [o for t, p, o in out.task.origins if (t, p) == part]
+        position, above = self.offsets.preview(part, extra)
+        if position is None:
+            return None
+        metadata = self._metadata(part, position, above)
+        if position == self.offsets.committed(part) and metadata == self.offsets.metadata(part):
+            return None
+        return position, metadata
+
+    def _metadata(self, part: Partition, position: int, above: set[int]) -> str:
+        if not self.metadata_supported:
+            return ""
+        self.map_bytes[part] = offset_map.size(position, above)
+        return offset_map.encode(position, above, self._map_limit)
+
+    @property
+    def map_limit(self) -> int:
+        return self._map_limit
+
+    def shrink_map_limit(self) -> None:
+        """The broker refused a map as too large: its limit is below the configured one."""
+        self._map_limit = max(256, self._map_limit // 2)
+
+    def full_partitions(self) -> set[Partition]:
+        """Partitions whose offset map fills 75% of the broker's limit: take no more records
+        from them until the map shrinks (the Parallel Consumer's rule), rather than lose it."""
+        limit = 0.75 * self._map_limit
+        return {part for part, size in self.map_bytes.items() if size >= limit}
 
     # --- internals -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import asyncio
 from bridge.api import ApiClient
 from bridge.clock import Clock
 from bridge.core import SWEEP_INTERVAL_S, Core
-from bridge.outbox import Outbox
+from bridge.outbox import AnyOutbox
 from bridge.tasks import Task
 from bridge.telemetry import Telemetry
 
@@ -23,7 +23,7 @@ class Dispatcher:
         *,
         core: Core,
         api: ApiClient,
-        outbox: Outbox,
+        outbox: AnyOutbox,
         telemetry: Telemetry,
         clock: Clock,
         max_requests: int,

@@ -23,6 +23,7 @@ class Publish:
     ticket: int
     record: OutputRecord
     reduced: Callable[[], OutputRecord] | None = None
+    partition: tuple[str, int] | None = None  # the input partition it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,14 @@ class Revived:
     """A parked task whose record came back after a rebalance: polled on, history kept."""
 
     task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A record fetched again whose event went out before: the offset map said so."""
+
+    partition: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +115,14 @@ class Assigned:
     partitions: list[int]
     kept_parked: int
     handed_over: int  # parked tasks whose partitions went to another member
+    known_finished: int = 0  # offsets the offset maps (or an earlier stay) say are done
 
 
 Fact = (
     Consumed
     | Joined
     | Revived
+    | Skipped
     | DeadLettered
     | DeadLetterDelivered
     | Finished

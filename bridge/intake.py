@@ -20,9 +20,11 @@ from bridge.clock import Clock
 from bridge.config import Config
 from bridge.core import Core, Partition
 from bridge.metrics import Metrics
-from bridge.outbox import Outbox
+from bridge.outbox import AnyOutbox
 
 log = structlog.get_logger("wavespeed_bridge")
+
+Start = tuple[int | None, str]  # (offset to start at, the offset map committed with it)
 
 
 class Intake:
@@ -31,7 +33,7 @@ class Intake:
         consumer: AIOKafkaConsumer,
         *,
         core: Core,
-        outbox: Outbox,
+        outbox: AnyOutbox,
         config: Config,
         clock: Clock,
         metrics: Metrics,
@@ -40,10 +42,13 @@ class Intake:
         self._consumer, self._core, self._outbox = consumer, core, outbox
         self._config, self._clock, self._metrics = config, clock, metrics
         self._wake_dispatch = wake_dispatch
-        self.paused = False
+        self.paused = False  # at the in-flight cap: every partition waits
+        self._paused: set[Partition] = set()  # partitions paused now (cap or full offset map)
         self.running = True  # a cancel that asyncio.wait_for swallows must still end the loop
         # Per assigned partition, the offset after the last record handed over (or the start).
         self._next_offset: dict[Partition, int] = {}
+        self._started: set[Partition] = set()  # partitions whose start the listener decided
+        self._early: dict[Partition, int] = {}  # lowest offset fetched before that
 
     async def run(self) -> None:
         consumer = self._consumer
@@ -52,6 +57,7 @@ class Intake:
         while self.running:
             room = cap - self._core.open_records
             self._set_paused(room <= 0)
+            self._update_pauses()
             try:
                 batch = await consumer.getmany(
                     timeout_ms=200, max_records=max(1, min(batch_cap, room))
@@ -70,8 +76,14 @@ class Intake:
                 self._wake_dispatch()
 
     def _take(self, msg: ConsumerRecord[bytes, bytes]) -> None:
+        part = (msg.topic, msg.partition)
+        if part not in self._started:
+            # aiokafka fetches as soon as partitions are assigned, while the rebalance
+            # listener still reads where they start: fetched again after the seek.
+            self._early[part] = min(self._early.get(part, msg.offset), msg.offset)
+            return
         rec = kafka_io.to_record(msg)
-        self._next_offset[(rec.topic, rec.partition)] = rec.offset + 1
+        self._next_offset[part] = rec.offset + 1
         self._outbox.apply(self._core.on_record(rec, self._clock.read()))
 
     async def _skip_undecodable(self, limit: int) -> None:
@@ -109,44 +121,79 @@ class Intake:
     def _set_paused(self, pause: bool) -> None:
         if pause == self.paused:
             return
-        parts = self._consumer.assignment()
         if pause:
-            self._consumer.pause(*parts)
             log.info("in-flight cap reached, fetching paused", in_flight=self._core.open_records)
         else:
-            self._consumer.resume(*parts)
             log.info("fetching resumed", in_flight=self._core.open_records)
         self.paused = pause
         self._metrics.consumer_paused.set(1 if pause else 0)
 
+    def _update_pauses(self) -> None:
+        """Pause every partition at the in-flight cap, and those whose offset map is nearly
+        full; resume the rest."""
+        assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        full = self._core.full_partitions() & assigned
+        want = assigned if self.paused else full
+        if want == self._paused:
+            return
+        if full - self._paused:
+            log.warning("offset map nearly full, partition paused", partitions=sorted(full))
+        stop, go = want - self._paused, self._paused - want
+        if stop:
+            self._consumer.pause(*(TopicPartition(*p) for p in stop))
+        if go:
+            self._consumer.resume(*(TopicPartition(*p) for p in go))
+        self._paused = want
+        self._metrics.partitions_paused_full_map.set(len(full))
+
     # --- assignment ------------------------------------------------------------------------
 
-    async def start_partitions(self, assigned: set[TopicPartition]) -> None:
-        """Start each partition where the bridge decides, and remember it: the committed
-        offset, else the beginning or the end (``auto_offset_reset``)."""
+    async def start_offsets(self, assigned: set[TopicPartition]) -> dict[Partition, Start]:
+        """Where each partition starts, decided here: the committed offset and its metadata,
+        else the beginning or the end (``auto_offset_reset``)."""
         consumer = self._consumer
         for tp in assigned:
             self._next_offset.pop((tp.topic, tp.partition), None)
-        if assigned:
-            try:
-                starts = await kafka_io.committed_offsets(consumer, assigned)
-                missing = [tp for tp in assigned if tp not in starts]
-                if missing:
-                    reset = (
-                        consumer.beginning_offsets
-                        if self._config.kafka.auto_offset_reset == "earliest"
-                        else consumer.end_offsets
-                    )
-                    starts |= await reset(missing)
-            except (KafkaError, TimeoutError) as exc:  # aiokafka's own reset applies then
-                log.warning("start offsets unknown", error=type(exc).__name__)
-                starts = {}
-            for tp, offset in starts.items():
-                consumer.seek(tp, offset)
-                self._next_offset[(tp.topic, tp.partition)] = offset
-        if self.paused:
-            consumer.pause(*assigned)
+            self._started.discard((tp.topic, tp.partition))
+        if not assigned:
+            return {}
+        try:
+            starts = await kafka_io.committed_offsets(consumer, assigned)
+            missing = [tp for tp in assigned if tp not in starts]
+            if missing:
+                reset = (
+                    consumer.beginning_offsets
+                    if self._config.kafka.auto_offset_reset == "earliest"
+                    else consumer.end_offsets
+                )
+                starts |= {tp: (offset, "") for tp, offset in (await reset(missing)).items()}
+        except (KafkaError, TimeoutError) as exc:  # aiokafka's own reset applies then
+            log.warning("start offsets unknown", error=type(exc).__name__)
+            return {(tp.topic, tp.partition): (None, "") for tp in assigned}
+        return {(tp.topic, tp.partition): start for tp, start in starts.items()}
+
+    def seek(self, starts: dict[Partition, Start], *, rebalanced: bool = True) -> None:
+        """Fetch each partition from its start (and hand its records to the core)."""
+        for part, (offset, _) in starts.items():
+            early = self._early.pop(part, None)
+            if offset is None:  # unknown: go back to what was fetched early, if anything
+                offset = early
+            if offset is not None:
+                self._consumer.seek(TopicPartition(*part), offset)
+                self._next_offset[part] = offset
+            self._started.add(part)
+        if rebalanced:
+            self._paused = set()  # a new assignment starts with every partition resumed
+        self._update_pauses()
+
+    async def restart(self, part: Partition) -> None:
+        """Fetch ``part`` again from its committed offset (its transaction was aborted)."""
+        starts = await self.start_offsets({TopicPartition(*part)})
+        self._outbox.apply(self._core.assign(starts, complete=False))
+        self.seek(starts, rebalanced=False)
 
     def forget(self, partitions: set[Partition]) -> None:
         for part in partitions:
             self._next_offset.pop(part, None)
+            self._started.discard(part)
+            self._early.pop(part, None)

@@ -13,6 +13,8 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.conn import create_conn
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import (
     CorruptRecordException,
     KafkaError,
@@ -68,11 +70,16 @@ def make_consumer(config: KafkaConfig) -> AIOKafkaConsumer:
         max_poll_records=config.fetch_max_records,
         # Only committed offsets matter; isolation keeps aborted records out on real Kafka.
         isolation_level="read_committed",
+        # aiokafka has no cooperative rebalancing; sticky keeps most partitions where they
+        # were (their finished state with them), round robin is the fallback while older
+        # members without it are still in the group.
+        partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor),
     )
 
 
-def make_producer(config: KafkaConfig) -> AIOKafkaProducer:
+def make_producer(config: KafkaConfig, transactional_id: str | None = None) -> AIOKafkaProducer:
     return AIOKafkaProducer(
+        transactional_id=transactional_id,
         **client_options(config),
         acks="all",
         enable_idempotence=config.enable_idempotence,
@@ -126,13 +133,14 @@ async def diagnose(config: KafkaConfig) -> tuple[str, str]:
 
 async def committed_offsets(
     consumer: AIOKafkaConsumer, partitions: set[TopicPartition]
-) -> dict[TopicPartition, int]:
-    """The group's committed offsets of ``partitions``, in one request (those that have one)."""
+) -> dict[TopicPartition, tuple[int, str]]:
+    """The group's committed offsets of ``partitions`` with their metadata, in one request
+    (those that have one)."""
     # aiokafka's public committed() asks once per partition and drops the metadata.
     fetched = await asyncio.wait_for(
         consumer._coordinator.fetch_committed_offsets(partitions), timeout=10.0
     )
-    return {tp: meta.offset for tp, meta in fetched.items()}
+    return {tp: (meta.offset, meta.metadata or "") for tp, meta in fetched.items()}
 
 
 def undecodable(exc: BaseException) -> bool:

@@ -249,6 +249,37 @@ class Metrics:
             "Configured topics the brokers do not list (events for them are held).",
             registry=r,
         )
+        self.records_skipped = Counter(
+            f"{p}_records_skipped",
+            "Input records fetched again after an assignment whose event went out before "
+            "(the commit's offset map lists them): skipped, not published twice.",
+            registry=r,
+        )
+        self.offset_map_bytes = Gauge(
+            f"{p}_offset_map_bytes",
+            "Size of the offset map (finished offsets above the committed one) in the last "
+            "commit's metadata, per input partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.partitions_paused_full_map = Gauge(
+            f"{p}_partitions_paused_full_map",
+            "Input partitions paused because their offset map reached 75% of "
+            "kafka.offset_metadata_max_bytes.",
+            registry=r,
+        )
+        self.commit_metadata_supported = Gauge(
+            f"{p}_commit_metadata_supported",
+            "0 once the broker was seen dropping commit metadata (offset maps are then off).",
+            registry=r,
+        )
+        self.transactions = Counter(
+            f"{p}_transactions",
+            "Exactly-once transactions by result: committed, aborted (retried after the "
+            "records are fetched again), fenced (the partition's id went to another member).",
+            ["result"],
+            registry=r,
+        )
         self.ready = Gauge(f"{p}_ready", "1 when /readyz reports ready.", registry=r)
         self._zero_known_labels()
 
@@ -264,5 +295,8 @@ class Metrics:
             self.dead_letters.labels(reason)
         for kind in KAFKA_ERROR_KINDS:
             self.kafka_errors.labels(kind)
+        for result in ("committed", "aborted", "fenced"):
+            self.transactions.labels(result)
+        self.commit_metadata_supported.set(1)
         for kind in ("completed", "failed", "timeout", "dead_letter"):
             self.published.labels(kind)

@@ -12,14 +12,14 @@ import asyncio
 import collections
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from bridge.clock import Clock
-from bridge.core import Core
+from bridge.core import Core, Partition
 from bridge.events import OutputRecord
 from bridge.facts import Effect, Publish
 from bridge.telemetry import Telemetry
@@ -162,6 +162,21 @@ class Publisher:
             d.done.set_result(None)
 
 
+class AnyOutbox(Protocol):
+    """What the loops need of an outbox: :class:`Outbox` (at least once) or
+    ``transactions.TransactionalOutbox`` (exactly once)."""
+
+    def apply(self, effects: Iterable[Effect]) -> None: ...
+
+    async def settled(self, timeout: float) -> None: ...
+
+    async def open(self, partitions: set[Partition]) -> None: ...
+
+    async def close(self, partitions: set[Partition]) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
 class Outbox:
     """Carries out the core's effects and reports acknowledgements back to it."""
 
@@ -191,6 +206,12 @@ class Outbox:
         """Until every record produced so far is acknowledged (or ``timeout``)."""
         if self._unsettled and timeout > 0:
             await asyncio.wait(list(self._unsettled), timeout=timeout)
+
+    async def open(self, partitions: set[Partition]) -> None:
+        """Nothing per partition: one producer serves them all."""
+
+    async def close(self, partitions: set[Partition]) -> None:
+        """Nothing per partition: one producer serves them all."""
 
     def cancel(self) -> None:
         for done in self._unsettled:

@@ -1,9 +1,11 @@
 """Group membership changes: what happens when partitions leave this member or arrive.
 
 Revoked: the core parks their tasks, events under way get up to 5 s to be acknowledged
-(each one saves a duplicate), the finished prefix is committed, then the partitions are
-released. Assigned: the core starts them clean and hands parked tasks of partitions that
-went elsewhere to their new owner; the intake decides where fetching starts.
+(each one saves a duplicate), the finished prefix is committed with its offset map (in
+exactly-once mode: the partitions' last transactions), then the partitions are set aside.
+Assigned: the committed offsets and their maps are read, the core starts each partition
+from them (and from what finished here if it is coming back) and hands parked tasks of
+partitions that went elsewhere to their new owner; fetching starts at the committed offset.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from bridge.commits import Committer
 from bridge.core import Core
 from bridge.intake import Intake
-from bridge.outbox import Outbox
+from bridge.outbox import AnyOutbox
 
 SETTLE_ON_REVOKE_S = 5.0
 
@@ -28,7 +30,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         *,
         core: Core,
         intake: Intake,
-        outbox: Outbox,
+        outbox: AnyOutbox,
         committer: Committer,
         on_assigned: Callable[[], None] = lambda: None,
     ) -> None:
@@ -44,10 +46,15 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._outbox.settled(SETTLE_ON_REVOKE_S)
         await self._committer.commit(only=gone, timeout=SETTLE_ON_REVOKE_S)
         self._outbox.apply(self._core.release(gone, "revoked"))
+        await self._outbox.close(gone)
         self._intake.forget(gone)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         tps: set[TopicPartition] = set(assigned)
-        self._outbox.apply(self._core.assign({(tp.topic, tp.partition) for tp in tps}))
-        await self._intake.start_partitions(tps)
+        # Exactly once: each partition's transactional id is initialised first, which fences
+        # its previous owner and settles what it left open before the offsets are read.
+        await self._outbox.open({(tp.topic, tp.partition) for tp in tps})
+        starts = await self._intake.start_offsets(tps)
+        self._outbox.apply(self._core.assign(starts))
+        self._intake.seek(starts)
         self._on_assigned()

@@ -29,6 +29,7 @@ class Telemetry:
             facts.Consumed: self._consumed,
             facts.Joined: self._joined,
             facts.Revived: lambda f: None,
+            facts.Skipped: self._skipped,
             facts.DeadLettered: self._dead_lettered,
             facts.DeadLetterDelivered: self._dead_letter_delivered,
             facts.Finished: self._finished,
@@ -69,6 +70,9 @@ class Telemetry:
             partition=f.partition,
             offset=f.offset,
         )
+
+    def _skipped(self, f: facts.Skipped) -> None:
+        self.metrics.records_skipped.inc()
 
     def _dead_lettered(self, f: facts.DeadLettered) -> None:
         log.warning(
@@ -144,6 +148,7 @@ class Telemetry:
             partitions=f.partitions,
             kept_parked=f.kept_parked,
             handed_over=f.handed_over,
+            known_finished=f.known_finished,
         )
 
     # --- measurements from the shell -------------------------------------------------------
@@ -183,3 +188,6 @@ class Telemetry:
                 m.model_completion.labels(label, "90").set(p90)
         if lag is not None:
             m.consumer_lag.set(lag)
+        m.offset_map_bytes.clear()
+        for (_, partition), size in core.map_bytes.items():
+            m.offset_map_bytes.labels(str(partition)).set(size)

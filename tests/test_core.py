@@ -262,7 +262,7 @@ def test_a_revoked_partition_parks_its_tasks_and_they_come_back_with_their_histo
     assert isinstance(released, facts.Released) and released.duplicate_risk == 0
     clock.advance(1.0)
     assert [t.task_id for t, _ in core.take_due(clock.monotonic(), 10)] == ["pred_b"]
-    (assigned,) = core.assign({(T, 0), (T, 1)})
+    (assigned,) = core.assign({(T, 0): (None, ""), (T, 1): (None, "")})
     assert isinstance(assigned, facts.Assigned) and assigned.kept_parked == 1
     (revived,) = core.on_record(rec(0, "pred_a", partition=0), clock.read())
     assert isinstance(revived, facts.Revived) and revived.task.polls == 1
@@ -275,7 +275,7 @@ def test_parked_tasks_of_partitions_gone_elsewhere_are_handed_over() -> None:
     core.on_record(rec(0, "pred_a", partition=0), clock.read())
     core.park({(T, 0)})
     core.release({(T, 0)}, "revoked")
-    (assigned,) = core.assign({(T, 1)})
+    (assigned,) = core.assign({(T, 1): (None, "")})
     assert isinstance(assigned, facts.Assigned) and assigned.handed_over == 1
     assert core.parked() == {}
 

@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import functools
 import random
-import signal
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +22,6 @@ from tests.helpers import (
     Received,
     StartBroker,
     committed,
-    config_data,
     create_topics,
     make_config,
     metric_value,
@@ -33,7 +30,6 @@ from tests.helpers import (
     running_bridge,
     scrape,
     sim_create,
-    spawn_daemon,
     wait_for_commits,
     wait_until,
 )
@@ -351,76 +347,3 @@ async def _restart_of_a_broker_without_a_log(sim: Simulator, own: OwnBroker) -> 
         )
         assert set(_subjects(got)) == set(tasks)
         await wait_until(lambda: bridge.readiness()[0], timeout=10)
-
-
-async def test_five_sigkills_with_1000_tasks_in_flight(
-    broker: Broker, sim: Simulator, names: Names, tmp_path: Path
-) -> None:
-    parts = 4
-    await create_topics(broker, names, partitions=parts)
-    rng = random.Random(9)
-    ids = await sim_create(
-        sim,
-        [
-            {"model": "m", "duration_s": rng.uniform(1.0, 12.0), "outcome": "completed"}
-            for _ in range(1000)
-        ],
-    )
-    config = config_data(broker, sim.base_url, names, polling={"interval_s": 2.0})
-    # ids[i] goes to partition i % parts at offset i // parts: offsets map back to ids.
-    for p in range(parts):
-        await produce(broker.bootstrap, names.input, ids[p::parts], partition=p)
-    uncommitted_at_kills = 0
-    log = tmp_path / "daemon.log"
-    before = _assignments(log)
-    daemon = spawn_daemon(config, tmp_path)
-    try:
-        for _kill in range(5):
-            await _wait_assigned(log, before)
-            await asyncio.sleep(rng.uniform(0.5, 3.0))
-            daemon.send_signal(signal.SIGKILL)
-            daemon.wait(5)
-            # The daemon is dead: what is committed now can only grow from here.
-            positions = await committed(broker.bootstrap, names.group, names.input, parts)
-            everything = await read_all(
-                broker.bootstrap, [names.completed], timeout=3.0, until=lambda _: False
-            )
-            seen = set(_subjects(everything))
-            for p, pos in enumerate(positions):
-                behind = ids[p::parts][:pos]
-                # No offset is committed ahead of its event.
-                assert set(behind) <= seen, f"partition {p} committed past an unpublished task"
-            uncommitted_at_kills += 1000 - sum(positions)
-            before = _assignments(log)
-            daemon = spawn_daemon(config, tmp_path)
-        got = await read_all(
-            broker.bootstrap,
-            [names.completed],
-            timeout=90,
-            settle=1.0,
-            until=lambda rs: set(_subjects(rs)) >= set(ids),
-        )
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(20)
-    counts = _subjects(got)
-    assert set(counts) == set(ids)
-    duplicates = sum(c - 1 for c in counts.values())
-    print(
-        f"sigkill x5: 1000 ids, {len(got)} events, {duplicates} duplicates,"
-        f" {uncommitted_at_kills} uncommitted at the kills"
-    )
-    assert duplicates <= uncommitted_at_kills
-    assert sum(await committed(broker.bootstrap, names.group, names.input, parts)) == 1000
-
-
-def _assignments(log: Path) -> int:
-    return log.read_text().count('"partitions assigned"') if log.exists() else 0
-
-
-async def _wait_assigned(log: Path, before: int) -> None:
-    for _ in range(300):
-        if _assignments(log) > before:
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError("daemon never got its partitions")
