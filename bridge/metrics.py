@@ -51,6 +51,7 @@ WEBHOOK_RESULTS = (
     "timeout",  # the body did not arrive within webhooks.read_timeout_s: 408
     "overloaded",  # over webhooks.max_concurrent_requests: 503
     "publish_failed",  # the broker did not acknowledge in time: 503
+    "error",  # an unexpected failure in the receiver (a bug): 500, that request only
     "unknown_task",  # published, but no replica tracks the task (counted by the reader)
 )
 
@@ -271,7 +272,7 @@ class Metrics:
             f"{p}_webhook_deliveries",
             "Requests to the webhook receiver by result (accepted, replay, unsigned, "
             "bad_signature, stale, future, malformed, too_large, timeout, overloaded, "
-            "publish_failed; unknown_task: published for a task no replica tracks).",
+            "publish_failed, error; unknown_task: published for a task no replica tracks).",
             ["result"],
             registry=r,
         )

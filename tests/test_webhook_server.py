@@ -32,7 +32,13 @@ from bridge.kafka import make_producer
 from bridge.local.broker import Broker
 from bridge.messages import parse_timestamp
 from bridge.metrics import WEBHOOK_RESULTS, Metrics
-from bridge.webhook_server import RecordHeaders, WebhookServer, kafka_publish, read_capped
+from bridge.webhook_server import (
+    STATUS,
+    RecordHeaders,
+    WebhookServer,
+    kafka_publish,
+    read_capped,
+)
 from bridge.webhook_signature import sign, signed_headers
 from tests.helpers import metric_value, read_all
 
@@ -446,6 +452,24 @@ async def test_random_requests_never_break_the_receiver(receiver: Receiver) -> N
     assert receiver.count("error") == 0
     good = delivery_body("pred_after_fuzz")
     assert (await post(receiver.url, good, signed(good)))[:2] == (200, "accepted")
+
+
+async def test_a_bug_costs_one_request_not_the_receiver(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(body: bytes) -> None:
+        raise RuntimeError("a bug in parsing")
+
+    monkeypatch.setattr("bridge.webhook_server.parse_delivery", broken)
+    body = delivery_body()
+    assert (await post(receiver.url, body, signed(body)))[:2] == (500, "error")
+    assert receiver.count("error") == 1 and receiver.publish.calls == []
+    monkeypatch.undo()
+    assert (await post(receiver.url, body, signed(body)))[:2] == (200, "accepted")
+
+
+def test_every_answer_has_a_result_label() -> None:
+    assert set(STATUS) == set(WEBHOOK_RESULTS) - {"unknown_task"}
 
 
 def test_the_receiver_refuses_to_start_without_a_secret() -> None:
