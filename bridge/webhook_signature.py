@@ -97,6 +97,14 @@ def signing_key(secret: str) -> bytes:
     return key.encode("utf-8")
 
 
+def secret_forms(secret: str | None) -> tuple[str, ...]:
+    """What the log redactor must scrub: the secret as given and its key (without
+    ``whsec_``), which could appear on its own."""
+    if not secret:
+        return ()
+    return (secret, secret.strip().removeprefix(SECRET_PREFIX))
+
+
 def _digest(key: bytes, webhook_id: str, timestamp: str, body: bytes) -> bytes:
     content = f"{webhook_id}.{timestamp}.".encode() + body
     return hmac.new(key, content, hashlib.sha256).digest()

@@ -237,3 +237,17 @@ def test_check_config_explains_the_webhooks_section(
     assert "POST http://127.0.0.1:9465/webhooks/wavespeed" in out
     assert "secret from file /run/secrets/webhook-secret" in out
     assert "'wavespeed.webhooks' (acks=all) before the 2xx" in out
+
+
+def test_run_refuses_webhooks_without_a_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text("webhooks:\n  enabled: true\n")
+    monkeypatch.setenv("WAVESPEED_API_KEY", "k-123456")
+    monkeypatch.delenv("WAVESPEED_WEBHOOK_SECRET", raising=False)
+    assert main(["run", "--config", str(config)]) == 2
+    assert "webhooks.enabled but no webhook secret" in capsys.readouterr().err
+    config.write_text("webhooks:\n  enabled: true\n  secret_file: /nonexistent/secret\n")
+    assert main(["run", "--config", str(config)]) == 2
+    assert "webhooks.secret_file: cannot read" in capsys.readouterr().err

@@ -325,3 +325,13 @@ def test_bad_delivery_bodies(body: bytes, why: str) -> None:
 )
 def test_any_body_parses_or_is_refused_never_raises(body: bytes) -> None:
     assert isinstance(parse_delivery(body), Delivery | BadDelivery)
+
+
+def test_the_redactor_scrubs_the_secret_and_its_bare_key() -> None:
+    from bridge.logs import REDACTED, Redactor
+    from bridge.webhook_signature import secret_forms
+
+    redactor = Redactor(secret_forms(SECRET))
+    key = SECRET.removeprefix("whsec_")
+    assert redactor.scrub(f"a {SECRET} b {key} c") == f"a {REDACTED} b {REDACTED} c"
+    assert secret_forms(None) == () and secret_forms("") == ()
