@@ -42,9 +42,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     try:
         api_key = read_api_key(config.api, os.environ)
-        from bridge.config import read_sasl_password
+        from bridge.config import read_sasl_password, read_webhook_secret
 
         sasl_password = read_sasl_password(config.kafka)
+        webhook_secret = (
+            read_webhook_secret(config.webhooks, os.environ) if config.webhooks.enabled else None
+        )
     except ConfigError as exc:
         print(f"wavespeed-bridge: {exc}", file=sys.stderr)
         return 2
@@ -54,8 +57,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if config.webhooks.enabled and not webhook_secret:
+        print(
+            f"wavespeed-bridge: webhooks.enabled but no webhook secret: set"
+            f" {config.webhooks.secret_env} or webhooks.secret_file (the whsec_... string from"
+            " GET /api/v3/webhook/secret)",
+            file=sys.stderr,
+        )
+        return 2
+    from bridge.webhook_signature import secret_forms
+
     logs.configure(
-        fmt=config.logging.format, level=config.logging.level, secrets=(api_key, sasl_password)
+        fmt=config.logging.format,
+        level=config.logging.level,
+        secrets=(api_key, sasl_password, *secret_forms(webhook_secret)),
     )
     asyncio.run(_run(config, api_key))
     return 0

@@ -149,6 +149,39 @@ class EventsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """The receiver for WaveSpeed's signed webhook deliveries (off by default)."""
+
+    enabled: bool = False
+    # Loopback unless told otherwise, like server.host; the Helm chart sets 0.0.0.0.
+    host: str = "127.0.0.1"
+    port: int = 9465
+    path: str = "/webhooks/wavespeed"
+    # The account's webhook secret (GET /api/v3/webhook/secret, "whsec_..."): from the file
+    # if given (a secret mount), else from this environment variable.
+    secret_env: str = "WAVESPEED_WEBHOOK_SECRET"  # noqa: S105 (a variable name)
+    secret_file: str | None = None
+    # Verified deliveries are produced here (acks=all) before the sender gets its 2xx.
+    topic: str = "wavespeed.webhooks"
+    max_body_bytes: int = 262_144
+    # Signed timestamps older (or further ahead) than this are refused; WaveSpeed's 300 s.
+    tolerance_s: float = 300.0
+    # The whole body must arrive within this (slow senders cannot hold a slot for long).
+    read_timeout_s: float = 10.0
+    # The broker must acknowledge a delivery within this, else 503 and the sender retries.
+    publish_timeout_s: float = 10.0
+    # Requests handled at once; more get 503 (bounds memory at this x max_body_bytes).
+    max_concurrent_requests: int = 256
+    # Webhook-ids remembered for replay detection (each until its timestamp is stale).
+    replay_max_ids: int = 100_000
+    # false: a verified terminal delivery finishes its task; true: it triggers one poll.
+    confirm_by_poll: bool = False
+    # Deliveries for task ids not consumed yet: how many are remembered, and how long.
+    pending_max: int = 10_000
+    pending_ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -157,6 +190,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     shutdown_grace_s: float = 20.0
 
 
@@ -407,6 +441,7 @@ def _check(config: Config, problems: list[str]) -> None:
         topics.append(k.timeout_topic)
     if k.input_topic in topics[1:]:
         problems.append("kafka.input_topic: must differ from every output topic")
+    _check_webhooks(config, problems)
     for i, mc in enumerate(p.model_classes):
         if not (0 < mc.min_interval_s <= mc.max_interval_s):
             problems.append(
@@ -414,6 +449,55 @@ def _check(config: Config, problems: list[str]) -> None:
             )
         if not (0 < mc.median_s < mc.p90_s):
             problems.append(f"polling.model_classes[{i}]: need 0 < median_s < p90_s")
+
+
+def _check_webhooks(config: Config, problems: list[str]) -> None:
+    w, k = config.webhooks, config.kafka
+    for key, value in (
+        ("webhooks.max_body_bytes", w.max_body_bytes),
+        ("webhooks.tolerance_s", w.tolerance_s),
+        ("webhooks.read_timeout_s", w.read_timeout_s),
+        ("webhooks.publish_timeout_s", w.publish_timeout_s),
+        ("webhooks.max_concurrent_requests", w.max_concurrent_requests),
+        ("webhooks.replay_max_ids", w.replay_max_ids),
+        ("webhooks.pending_max", w.pending_max),
+        ("webhooks.pending_ttl_s", w.pending_ttl_s),
+    ):
+        if value <= 0:
+            problems.append(f"{key}: must be > 0, got {value!r}")
+    if not (0 < w.port < 65536):
+        problems.append(f"webhooks.port: must be in 1..65535, got {w.port}")
+    elif w.enabled and w.port == config.server.port:
+        problems.append("webhooks.port: must differ from server.port (the metrics server's)")
+    if not w.host:
+        problems.append("webhooks.host: must not be empty")
+    if (
+        not w.path.startswith("/")
+        or any(c in w.path for c in "?#%")
+        or any(not c.isascii() or not c.isprintable() or c.isspace() for c in w.path)
+    ):
+        problems.append(
+            f"webhooks.path: must start with / and be printable ASCII without spaces, ?, # or %,"
+            f" got {w.path!r}"
+        )
+    if not w.topic:
+        problems.append("webhooks.topic: must not be empty")
+    elif w.topic in (k.input_topic, k.completed_topic, k.failed_topic, k.dead_letter_topic) or (
+        w.topic == k.timeout_topic
+    ):
+        problems.append("webhooks.topic: must differ from kafka's input and output topics")
+    if w.max_body_bytes > k.max_message_bytes:
+        problems.append(
+            f"webhooks.max_body_bytes: must not exceed kafka.max_message_bytes"
+            f" ({k.max_message_bytes}): a delivery is produced to webhooks.topic as it came"
+        )
+    if w.tolerance_s > 3600:
+        problems.append(
+            "webhooks.tolerance_s: at most 3600 (WaveSpeed documents 300 s; a wide window"
+            " widens the replay window)"
+        )
+    if w.enabled and not w.secret_file and not w.secret_env:
+        problems.append("webhooks.secret_env: required (or webhooks.secret_file) when enabled")
 
 
 def available_codecs() -> frozenset[str]:
@@ -469,12 +553,36 @@ def explain(config: Config) -> list[str]:
             " metadata; a crash repeats only events acknowledged after the last commit."
             " delivery: exactly_once needs transactions"
         )
+    lines.append(_explain_webhooks(config))
     codecs = ", ".join(sorted(available_codecs()))
     lines.append(
         f"compress   output {k.compression_type or 'none'}; input in any of: {codecs}"
         " (a batch that cannot be decoded is dead-lettered by offset)"
     )
     return lines
+
+
+def _explain_webhooks(config: Config) -> str:
+    w = config.webhooks
+    if not w.enabled:
+        return (
+            "webhooks   off (webhooks.enabled: false): every task is found by polling; turn on"
+            " to receive WaveSpeed's signed deliveries"
+        )
+    source = f"file {w.secret_file}" if w.secret_file else f"${w.secret_env}"
+    after = (
+        "a verified terminal delivery triggers one poll (confirm_by_poll: true)"
+        if w.confirm_by_poll
+        else "a verified terminal delivery finishes its task without a poll"
+    )
+    return (
+        f"webhooks   POST http://{w.host}:{w.port}{w.path}: v3 HMAC-SHA256 signatures (secret"
+        f" from {source}), timestamps within {w.tolerance_s:g}s, webhook-ids checked for"
+        f" replays, bodies up to {w.max_body_bytes} bytes; each verified delivery is produced"
+        f" to {w.topic!r} (acks=all) before the 2xx, 503 if the broker does not acknowledge"
+        f" it; {after}; deliveries ahead of their task id wait up to {w.pending_ttl_s:g}s"
+        f" (at most {w.pending_max})"
+    )
 
 
 def build_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Config:
@@ -534,3 +642,18 @@ def read_sasl_password(config: KafkaConfig) -> str | None:
         except OSError as exc:
             raise ConfigError([f"kafka.sasl_password_file: cannot read ({exc.strerror})"]) from None
     return config.sasl_password
+
+
+def read_webhook_secret(config: WebhooksConfig, env: Mapping[str, str]) -> str | None:
+    """The webhook secret (``whsec_...``) from ``secret_file`` (a secret mount) or the
+    environment variable; None when neither has one."""
+    if config.secret_file:
+        try:
+            text = Path(config.secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"webhooks.secret_file: cannot read ({exc.strerror})"]) from None
+    else:
+        text = (env.get(config.secret_env) or "").strip()
+    if text.removeprefix("whsec_") == "":
+        return None
+    return text

@@ -37,6 +37,24 @@ DEAD_LETTER_REASONS = (
     "undecodable",
 )
 
+# webhook_deliveries_total{result}: every request to the webhook receiver ends in one.
+# unknown_task is counted by the webhook topic's reader, the rest by the receiver.
+WEBHOOK_RESULTS = (
+    "accepted",  # verified, published to the webhook topic, 200
+    "replay",  # a webhook-id already published: 200, not published again
+    "unsigned",  # 401
+    "bad_signature",  # 401
+    "stale",  # authentic, signed more than webhooks.tolerance_s ago: 400
+    "future",  # authentic, signed more than webhooks.tolerance_s ahead: 400
+    "malformed",  # headers or body unusable: 400
+    "too_large",  # over webhooks.max_body_bytes: 413
+    "timeout",  # the body did not arrive within webhooks.read_timeout_s: 408
+    "overloaded",  # over webhooks.max_concurrent_requests: 503
+    "publish_failed",  # the broker did not acknowledge in time: 503
+    "error",  # an unexpected failure in the receiver (a bug): 500, that request only
+    "unknown_task",  # published, but no replica tracks the task (counted by the reader)
+)
+
 
 class ModelLabels:
     """Caps distinct ``model`` label values: model names come from untrusted input."""
@@ -281,6 +299,20 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(f"{p}_ready", "1 when /readyz reports ready.", registry=r)
+        self.webhook_deliveries = Counter(
+            f"{p}_webhook_deliveries",
+            "Requests to the webhook receiver by result (accepted, replay, unsigned, "
+            "bad_signature, stale, future, malformed, too_large, timeout, overloaded, "
+            "publish_failed, error; unknown_task: published for a task no replica tracks).",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_request_duration = Histogram(
+            f"{p}_webhook_request_duration_seconds",
+            "Webhook requests, received to answered (including the broker's acknowledgement).",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
         self._zero_known_labels()
 
     def _zero_known_labels(self) -> None:
@@ -300,3 +332,5 @@ class Metrics:
         self.commit_metadata_supported.set(1)
         for kind in ("completed", "failed", "timeout", "dead_letter"):
             self.published.labels(kind)
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries.labels(result)

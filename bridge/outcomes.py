@@ -150,6 +150,16 @@ def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Ou
     data = envelope.get("data") if isinstance(envelope, dict) else None
     if not isinstance(data, dict):
         return Outcome(Kind.TRANSIENT, code, reason="envelope has no 'data' object")
+    return outcome_from_data(data, code)
+
+
+def outcome_from_data(data: dict[str, Any], code: int | None = None) -> Outcome:
+    """What a prediction's ``data`` object says about its task.
+
+    The result API's ``data`` and the body of a webhook delivery have the same shape, so
+    both go through here: ``code`` is the HTTP status of a result response, None for a
+    delivery (which has no response of its own).
+    """
     prediction = _prediction(data)
     status = prediction.status
     if status == "completed":

@@ -167,3 +167,87 @@ def test_check_config_explains_the_events_mode(
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"events     CloudEvents Kafka binding, {says}" in out
+
+
+def test_webhooks_section_defaults_and_env() -> None:
+    w = build_config({}, {}).webhooks
+    assert (w.enabled, w.host, w.port, w.path) == (False, "127.0.0.1", 9465, "/webhooks/wavespeed")
+    assert (w.topic, w.max_body_bytes, w.tolerance_s) == ("wavespeed.webhooks", 262_144, 300.0)
+    assert (w.confirm_by_poll, w.pending_max, w.pending_ttl_s) == (False, 10_000, 3600.0)
+    on = build_config({}, {"BRIDGE_WEBHOOKS__ENABLED": "true", "BRIDGE_WEBHOOKS__PORT": "9999"})
+    assert on.webhooks.enabled and on.webhooks.port == 9999
+
+
+def test_webhooks_validation_names_each_key() -> None:
+    found = problems(
+        {
+            "server": {"port": 9465},
+            "kafka": {"max_message_bytes": 1000},
+            "webhooks": {
+                "enabled": True,
+                "path": "webhooks?x=1",
+                "topic": "wavespeed.tasks",
+                "tolerance_s": 0,
+                "max_body_bytes": 2000,
+                "pending_max": -1,
+                "secret_env": "",
+            },
+        }
+    )
+    assert "webhooks.port: must differ from server.port (the metrics server's)" in found
+    assert any(p.startswith("webhooks.path: must start with /") for p in found)
+    assert "webhooks.topic: must differ from kafka's input and output topics" in found
+    assert "webhooks.tolerance_s: must be > 0, got 0.0" in found
+    assert "webhooks.pending_max: must be > 0, got -1" in found
+    assert any(p.startswith("webhooks.max_body_bytes: must not exceed") for p in found)
+    assert "webhooks.secret_env: required (or webhooks.secret_file) when enabled" in found
+    assert problems({"webhooks": {"path": "/a b"}})[0].startswith("webhooks.path")
+    assert problems({"webhooks": {"tolerance_s": 7200}})[0].startswith("webhooks.tolerance_s")
+    # Off, the same port as the metrics server is no conflict.
+    assert build_config({"server": {"port": 9465}}, {}).webhooks.port == 9465
+
+
+def test_webhook_secret_from_file_wins_over_env(tmp_path: Path) -> None:
+    from bridge.config import WebhooksConfig, read_webhook_secret
+
+    secret_file = tmp_path / "webhook-secret"
+    secret_file.write_text("whsec_from-file\n")
+    env = {"WAVESPEED_WEBHOOK_SECRET": "whsec_from-env"}
+    assert read_webhook_secret(WebhooksConfig(secret_file=str(secret_file)), env) == (
+        "whsec_from-file"
+    )
+    assert read_webhook_secret(WebhooksConfig(), env) == "whsec_from-env"
+    assert read_webhook_secret(WebhooksConfig(), {}) is None
+    assert read_webhook_secret(WebhooksConfig(), {"WAVESPEED_WEBHOOK_SECRET": "whsec_"}) is None
+    with pytest.raises(ConfigError, match=r"webhooks\.secret_file: cannot read"):
+        read_webhook_secret(WebhooksConfig(secret_file=str(tmp_path / "missing")), {})
+
+
+def test_check_config_explains_the_webhooks_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    off = tmp_path / "off.yaml"
+    off.write_text("{}\n")
+    assert main(["check-config", str(off)]) == 0
+    assert "webhooks   off (webhooks.enabled: false)" in capsys.readouterr().out
+    on = tmp_path / "on.yaml"
+    on.write_text("webhooks:\n  enabled: true\n  secret_file: /run/secrets/webhook-secret\n")
+    assert main(["check-config", str(on)]) == 0
+    out = capsys.readouterr().out
+    assert "POST http://127.0.0.1:9465/webhooks/wavespeed" in out
+    assert "secret from file /run/secrets/webhook-secret" in out
+    assert "'wavespeed.webhooks' (acks=all) before the 2xx" in out
+
+
+def test_run_refuses_webhooks_without_a_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text("webhooks:\n  enabled: true\n")
+    monkeypatch.setenv("WAVESPEED_API_KEY", "k-123456")
+    monkeypatch.delenv("WAVESPEED_WEBHOOK_SECRET", raising=False)
+    assert main(["run", "--config", str(config)]) == 2
+    assert "webhooks.enabled but no webhook secret" in capsys.readouterr().err
+    config.write_text("webhooks:\n  enabled: true\n  secret_file: /nonexistent/secret\n")
+    assert main(["run", "--config", str(config)]) == 2
+    assert "webhooks.secret_file: cannot read" in capsys.readouterr().err

@@ -95,6 +95,8 @@ CHART_MANAGED = {
     "kafka.sasl_password",
     "kafka.sasl_password_file",
     "kafka.ssl_cafile",
+    "webhooks.host",
+    "webhooks.secret_file",
 }
 
 Doc = dict[str, Any]
@@ -328,6 +330,10 @@ def test_schema_config_section_matches_the_bridges_config() -> None:
         (["--set-string", "serviceMonitor.enabled=yes"], "enabled"),
         (["--set", "config.kafka.security_protocol=SASL"], "security_protocol"),
         (["--set", "prometheusRule.alerts.noProgress.for=15 minutes"], "for"),
+        (["--set", "config.webhooks.secret_file=/tmp/x"], "secret_file"),
+        (["--set", "webhookIngress.pathType=Regex"], "pathType"),
+        (["--set", "config.webhooks.path=webhooks"], "path"),
+        (["--set", "networkPolicy.webhookFrm[0].ipBlock.cidr=0.0.0.0/0"], "webhookFrm"),
     ],
 )
 def test_a_values_typo_fails_the_schema(helm: str, args: list[str], why: str) -> None:
@@ -343,6 +349,11 @@ def test_a_values_typo_fails_the_schema(helm: str, args: list[str], why: str) ->
         (["--set", "terminationGracePeriodSeconds=25"], "terminationGracePeriodSeconds"),
         (["--set", "config.kafka.security_protocol=SASL_SSL"], "sasl_mechanism"),
         (["--set", "podDisruptionBudget.minAvailable=1"], "only one"),
+        (["--set", "webhookIngress.enabled=true"], "needs config.webhooks.enabled"),
+        (
+            ["--set", "config.webhooks.enabled=true", "--set", "config.webhooks.port=9464"],
+            "must differ from metrics.port",
+        ),
     ],
 )
 def test_inconsistent_values_fail_rendering(helm: str, args: list[str], why: str) -> None:
@@ -546,15 +557,19 @@ def check_wiring(docs: list[Doc], values: dict[str, Any]) -> None:
     spec = pod["spec"]
     (container,) = spec["containers"]
     assert _selects(deploy["spec"]["selector"]["matchLabels"], pod_labels)
-    # The scrape port is named, and everything refers to it by that name.
-    (port,) = container["ports"]
-    assert port["name"] == "metrics"
+    # The scrape port is named, and everything refers to it by that name; so is the
+    # webhook port, present only when the receiver is on.
+    webhooks_on = bool(values["config"]["webhooks"]["enabled"])
+    port_names = ["metrics", "webhooks"] if webhooks_on else ["metrics"]
+    ports = {p["name"]: p for p in container["ports"]}
+    assert list(ports) == port_names
+    port = ports["metrics"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     service = one(docs, "Service")
     assert _selects(service["spec"]["selector"], pod_labels)
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
-    assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == port_names
+    assert [p["name"] for p in service["spec"]["ports"]] == port_names
     for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
         assert _selects(sm["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
         assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
@@ -564,6 +579,11 @@ def check_wiring(docs: list[Doc], values: dict[str, Any]) -> None:
     for np in (d for d in docs if d["kind"] == "NetworkPolicy"):
         assert _selects(np["spec"]["podSelector"]["matchLabels"], pod_labels)
         assert np["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+        assert [r["ports"][0]["port"] for r in np["spec"]["ingress"]] == port_names
+        if webhooks_on:
+            webhook_rule = np["spec"]["ingress"][1]
+            from_peers = values["networkPolicy"]["webhookFrom"]
+            assert webhook_rule.get("from", []) == from_peers  # none listed: from anywhere
     # Autoscalers own the replica count.
     scalers = [d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
     assert len(scalers) <= 1
@@ -589,6 +609,28 @@ def check_wiring(docs: list[Doc], values: dict[str, Any]) -> None:
     config_text = bridge_config_text(docs)
     config = yaml.safe_load(config_text)
     assert config["server"] == {"host": "0.0.0.0", "port": port["containerPort"]}
+    assert config["webhooks"]["host"] == "0.0.0.0"
+    if webhooks_on:
+        assert ports["webhooks"]["containerPort"] == config["webhooks"]["port"]
+        secret_file = Path(config["webhooks"]["secret_file"])
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert str(secret_file.parent) in mounts
+        volume = next(
+            v for v in spec["volumes"] if v["name"] == mounts[str(secret_file.parent)]["name"]
+        )
+        assert [i["path"] for i in volume["secret"]["items"]] == [secret_file.name]
+        assert volume["secret"]["items"][0]["key"] == values["secretKeys"]["webhookSecret"]
+    else:
+        assert "secret_file" not in config["webhooks"]
+    for ingress in (d for d in docs if d["kind"] == "Ingress"):
+        assert webhooks_on
+        (rule,) = ingress["spec"]["rules"]
+        (path,) = rule["http"]["paths"]
+        assert path["path"] == config["webhooks"]["path"]
+        assert path["backend"]["service"] == {
+            "name": service["metadata"]["name"],
+            "port": {"name": "webhooks"},
+        }
     checksum = pod["metadata"]["annotations"]["checksum/config"]
     assert checksum == hashlib.sha256(config_text.rstrip("\n").encode()).hexdigest()
     assert spec["terminationGracePeriodSeconds"] > config["shutdown_grace_s"] + 10
@@ -673,7 +715,7 @@ def test_rendered_objects_validate_against_kubernetes(helm: str, values: str) ->
 def test_default_and_all_features_render_what_they_should(helm: str) -> None:
     default = ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "Secret"]
     assert kinds(render(helm)) == sorted([*default, "Service", "ServiceAccount"])
-    optional = {"NetworkPolicy", "PrometheusRule", "ScaledObject", "ServiceMonitor"}
+    optional = {"Ingress", "NetworkPolicy", "PrometheusRule", "ScaledObject", "ServiceMonitor"}
     optional.add("TriggerAuthentication")
     assert optional <= set(kinds(render(helm, "all-features")))
     assert "Secret" not in kinds(render(helm, "all-features"))  # existingSecret
@@ -705,8 +747,14 @@ def test_notes_render(helm: str, tmp_path: Path) -> None:
         f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n{body}"
     )
     (chart / "templates" / "notes.yaml").write_text(wrapped)
-    for values, warns in (("default", True), ("all-features", False)):
+    cases: list[tuple[str, bool, list[str]]] = [
+        ("default", True, []),
+        ("all-features", False, []),
+        ("default", True, ["--set", "config.webhooks.enabled=true"]),
+    ]
+    for values, warns, more in cases:
         extra = ["--values", str(VALUES[values])] if VALUES[values] else []
+        extra += more
         result = run(
             [
                 helm,
@@ -722,6 +770,10 @@ def test_notes_render(helm: str, tmp_path: Path) -> None:
         text = yaml.safe_load(result.stdout)["data"]["notes"]
         assert ("WARNING: no API key" in text) == warns, text
         assert "sit idle" in text and "wavespeed.tasks" in text
+        assert ("WARNING: no webhook secret" in text) == bool(more), text
+        if values == "all-features":
+            url = "?webhook=https://bridge-hooks.example.com/webhooks/wavespeed"
+            assert url in text, text
 
 
 def test_a_config_change_rolls_the_pods(helm: str) -> None:

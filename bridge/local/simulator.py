@@ -14,6 +14,16 @@ What it does, as the real API does (``shared/wavespeed-api.md``):
   ``completed``, ``failed``, or the ``cancelled``, ``timeout`` and ``deleted`` the official
   SDKs also end on (chosen per task with ``outcome``).
 
+Webhooks, as the docs describe them (``shared/wavespeed-api.md``, "Webhooks"): a submit
+with ``?webhook=<url>`` (what WaveSpeed's docs and its JavaScript client send; a
+``webhook_url`` body field is accepted too) gets one signed POST of the task's ``data``
+object (plus its ``input``) when it reaches a terminal status, with ``webhook-id``,
+``webhook-timestamp`` and ``webhook-signature: v3,<hex>`` signed by
+:func:`bridge.webhook_signature.sign` with the account's secret, which
+``GET /api/v3/webhook/secret`` returns. No retries (none are documented): a lost delivery
+is lost. :class:`WebhookFaults` adds loss, delay and jitter, duplicates (the same id,
+timestamp and signature again), reordering (some held back) and bad signatures.
+
 For tests and benchmarks it also has, per model, a lognormal completion-time
 distribution and failure rate; global fault injection (429s with ``Retry-After``, 5xx,
 outages that answer 503 or refuse connections, a requests/s limit); per-task hostile
@@ -31,12 +41,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import aiohttp
 from aiohttp import web
 
 from bridge.events import rfc3339
 from bridge.scheduler import TokenBucket
+from bridge.webhook_signature import signed_headers
 
 BEHAVIOURS = (
     "normal",
@@ -87,6 +99,8 @@ class SimTask:
     polls: int = 0
     first_terminal_poll: float | None = None  # monotonic time a poll first saw it finished
     poll_times: list[float] = field(default_factory=list)
+    webhook_url: str | None = None  # where its delivery goes, if the submit named one
+    input: dict[str, Any] | None = None  # the submitted body, echoed in the delivery
 
     @property
     def done_at(self) -> float:
@@ -103,6 +117,35 @@ class Faults:
     requests_per_second: float = 0.0  # 0: unlimited
 
 
+@dataclass(slots=True)
+class WebhookFaults:
+    """How deliveries misbehave; each delivery draws its own fate from the simulator's rng."""
+
+    loss_rate: float = 0.0  # never sent
+    delay_s: float = 0.0  # after the task finishes
+    jitter_s: float = 0.0  # plus uniform(0, jitter_s)
+    duplicate_rate: float = 0.0  # sent twice: same id, timestamp, body and signature
+    duplicate_gap_s: float = 0.05  # between the two copies
+    reorder_rate: float = 0.0  # held back by reorder_delay_s, so later ones overtake it
+    reorder_delay_s: float = 1.0
+    bad_signature_rate: float = 0.0  # signed with another secret (1.0: every delivery)
+    timeout_s: float = 10.0  # how long one POST may take
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAttempt:
+    """One POST the simulator made (a duplicate is a second attempt with the same id)."""
+
+    task_id: str
+    webhook_id: str
+    url: str
+    sent_at: float  # monotonic
+    copy: int  # 0, or 1 for the duplicate
+    bad_signature: bool
+    status: int | None  # the receiver's answer; None when the request failed
+    error: str | None = None
+
+
 class Simulator:
     def __init__(
         self,
@@ -113,8 +156,16 @@ class Simulator:
         profiles: tuple[ModelProfile, ...] = DEFAULT_PROFILES,
         seed: int | None = None,
         record_poll_times: bool = False,
+        webhook_secret: str | None = None,
     ) -> None:
         self.api_key = api_key
+        # The account's webhook secret, as GET /api/v3/webhook/secret returns it.
+        self.webhook_secret = webhook_secret or "whsec_" + secrets.token_hex(24)
+        self.webhook_faults = WebhookFaults()
+        self.webhook_attempts: list[WebhookAttempt] = []
+        self.webhooks_lost: list[str] = []  # task ids whose delivery was dropped
+        self._webhook_session: aiohttp.ClientSession | None = None
+        self._webhook_tasks: set[asyncio.Task[None]] = set()
         self.host = host
         self.port = port
         self.profiles = profiles
@@ -143,12 +194,14 @@ class Simulator:
         app = web.Application(client_max_size=1_048_576)
         app.router.add_post("/_sim/tasks", self._sim_create)
         app.router.add_post("/_sim/faults", self._sim_faults)
+        app.router.add_post("/_sim/webhook_faults", self._sim_webhook_faults)
         app.router.add_get("/_sim/stats", self._sim_stats)
         app.router.add_put("/_sim/uploads/{token}", self._sim_upload_put)
         app.router.add_get("/_sim/uploads/{token}/{name}", self._sim_upload_get)
         app.router.add_get("/api/v3/predictions/{id}", self._get)
         app.router.add_get("/api/v3/predictions/{id}/result", self._get)
         app.router.add_post("/api/v3/media/uploads", self._upload_ticket)
+        app.router.add_get("/api/v3/webhook/secret", self._webhook_secret)
         app.router.add_post("/api/v3/{model:.+}", self._submit)  # last: it matches any path
         return app
 
@@ -169,6 +222,13 @@ class Simulator:
     async def stop(self) -> None:
         if self._restart is not None:
             self._restart.cancel()
+        for task in list(self._webhook_tasks):
+            task.cancel()
+        if self._webhook_tasks:
+            await asyncio.gather(*self._webhook_tasks, return_exceptions=True)
+        if self._webhook_session is not None:
+            await self._webhook_session.close()
+            self._webhook_session = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -195,7 +255,10 @@ class Simulator:
         error: str | None = None,
         behaviour: str = "normal",
         age_s: float = 0.0,
+        webhook_url: str | None = None,
+        input: dict[str, Any] | None = None,
     ) -> SimTask:
+        """A new task; with ``webhook_url`` its delivery is scheduled (needs a running loop)."""
         prof = self.profile(model)
         if duration_s is None:
             duration_s = prof.median_s * math.exp(self.rng.gauss(0.0, prof.sigma))
@@ -205,6 +268,8 @@ class Simulator:
             raise ValueError(f"unknown outcome {outcome!r}; one of {', '.join(OUTCOMES)}")
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}")
+        if webhook_url is not None and not _http_url(webhook_url):
+            raise ValueError("webhook must be an http(s) URL")
         now, wall = time.monotonic(), time.time()
         task = SimTask(
             id=task_id or secrets.token_hex(16),
@@ -217,8 +282,12 @@ class Simulator:
             error=error
             or ("simulated failure: GPU out of memory" if outcome == "failed" else None),
             behaviour=behaviour,
+            webhook_url=webhook_url,
+            input=input,
         )
         self.tasks[task.id] = task
+        if webhook_url is not None:
+            self._schedule_webhook(task)
         return task
 
     def view(self, task: SimTask, now: float) -> dict[str, Any]:
@@ -396,8 +465,12 @@ class Simulator:
             return self._count(self._envelope(400, "body must be a JSON object"))
         raw = body.get("_sim")
         sim: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        webhook = request.query.get("webhook") or body.get("webhook_url")
+        if webhook is not None:
+            sim = {**sim, "webhook": webhook}
+        model_input = {k: v for k, v in body.items() if k != "_sim"}
         try:
-            task = self._create_from(model, sim)
+            task = self._create_from(model, sim, model_input)
         except (ValueError, TypeError) as exc:
             return self._count(self._envelope(400, str(exc)))
         if body.get("enable_sync_mode") is True:
@@ -460,8 +533,13 @@ class Simulator:
             return web.Response(status=404)
         return web.Response(body=content)
 
-    def _create_from(self, model: str, sim: dict[str, Any]) -> SimTask:
+    def _create_from(
+        self, model: str, sim: dict[str, Any], model_input: dict[str, Any] | None = None
+    ) -> SimTask:
         duration = sim.get("duration_s")
+        webhook = sim.get("webhook")
+        if webhook is not None and not isinstance(webhook, str):
+            raise ValueError("webhook must be an http(s) URL")
         return self.create(
             model,
             task_id=sim.get("id"),
@@ -470,6 +548,8 @@ class Simulator:
             error=sim.get("error"),
             behaviour=sim.get("behaviour", "normal"),
             age_s=float(sim.get("age_s", 0.0)),
+            webhook_url=webhook,
+            input=model_input,
         )
 
     async def _sim_create(self, request: web.Request) -> web.StreamResponse:
@@ -535,6 +615,98 @@ class Simulator:
         if self._runner is not None:
             await self._listen()
 
+    # --- webhooks ------------------------------------------------------------------------
+
+    async def _webhook_secret(self, request: web.Request) -> web.StreamResponse:
+        """``GET /api/v3/webhook/secret``. The response shape is not documented: the secret
+        is given as ``data.secret`` in the usual envelope."""
+        refused = self._gate(request)
+        if refused is not None:
+            return self._count(refused)
+        return self._count(self._envelope(200, "success", {"secret": self.webhook_secret}))
+
+    async def _sim_webhook_faults(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        try:
+            self.set_webhook_faults(**body)
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"ok": True})
+
+    def set_webhook_faults(self, **changes: float) -> None:
+        """Change some of :class:`WebhookFaults` (``loss_rate=0.1``, ``delay_s=0.5``, ...)."""
+        names = set(WebhookFaults.__dataclass_fields__)
+        for name, value in changes.items():
+            if name not in names:
+                raise ValueError(f"unknown webhook fault {name!r}; one of {sorted(names)}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0")
+            if name.endswith("_rate") and value > 1:
+                raise ValueError(f"{name} must be in [0, 1]")
+            setattr(self.webhook_faults, name, float(value))
+
+    def _schedule_webhook(self, task: SimTask) -> None:
+        """Draw the delivery's fate now (seeded rng: reproducible), send it when due."""
+        f = self.webhook_faults
+        if self.rng.random() < f.loss_rate:
+            self.webhooks_lost.append(task.id)
+            return
+        delay = max(0.0, task.done_at - time.monotonic()) + f.delay_s
+        delay += self.rng.uniform(0.0, f.jitter_s) if f.jitter_s else 0.0
+        if self.rng.random() < f.reorder_rate:
+            delay += f.reorder_delay_s
+        copies = 2 if self.rng.random() < f.duplicate_rate else 1
+        bad = self.rng.random() < f.bad_signature_rate
+        job = asyncio.get_running_loop().create_task(self._deliver(task, delay, copies, bad))
+        self._webhook_tasks.add(job)
+        job.add_done_callback(self._webhook_tasks.discard)
+
+    async def _deliver(self, task: SimTask, delay: float, copies: int, bad: bool) -> None:
+        await asyncio.sleep(delay)
+        assert task.webhook_url is not None
+        data = self.view(task, max(time.monotonic(), task.done_at))
+        body = json.dumps({**data, "input": task.input or {}}).encode()
+        webhook_id = secrets.token_hex(12)
+        secret = "whsec_not-the-account-secret" if bad else self.webhook_secret
+        headers = signed_headers(secret, webhook_id, int(time.time()), body)
+        headers["Content-Type"] = "application/json"
+        if self._webhook_session is None:
+            self._webhook_session = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=self.webhook_faults.timeout_s)
+        for copy in range(copies):
+            if copy:
+                await asyncio.sleep(self.webhook_faults.duplicate_gap_s)
+            sent_at = time.monotonic()
+            status: int | None = None
+            error: str | None = None
+            try:
+                async with self._webhook_session.post(
+                    task.webhook_url, data=body, headers=headers, timeout=timeout
+                ) as response:
+                    status = response.status
+                    await response.read()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                error = type(exc).__name__
+            self.webhook_attempts.append(
+                WebhookAttempt(
+                    task.id, webhook_id, task.webhook_url, sent_at, copy, bad, status, error
+                )
+            )
+
+    def webhook_stats(self) -> dict[str, Any]:
+        answers: dict[str, int] = {}
+        for a in self.webhook_attempts:
+            key = str(a.status) if a.status is not None else "error"
+            answers[key] = answers.get(key, 0) + 1
+        return {
+            "sent": len(self.webhook_attempts),
+            "lost": len(self.webhooks_lost),
+            "duplicates": sum(1 for a in self.webhook_attempts if a.copy),
+            "bad_signature": sum(1 for a in self.webhook_attempts if a.bad_signature),
+            "pending": len(self._webhook_tasks),
+            "answers": answers,
+        }
+
     async def _sim_stats(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.stats())
 
@@ -544,4 +716,13 @@ class Simulator:
             "responses": {str(k): v for k, v in sorted(self.responses.items())},
             "tasks": len(self.tasks),
             "polls": {t.id: t.polls for t in self.tasks.values()},
+            "webhooks": self.webhook_stats(),
         }
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)

@@ -69,12 +69,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{- define "wavespeed-bridge.secretsDir" -}}/var/run/secrets/wavespeed-bridge{{- end -}}
+{{- define "wavespeed-bridge.webhookSecretDir" -}}/var/run/secrets/wavespeed-bridge-webhook{{- end -}}
+
+{{/* true when the webhook receiver is on. */}}
+{{- define "wavespeed-bridge.webhooks" -}}
+{{- if (.Values.config.webhooks | default dict).enabled -}}true{{- end -}}
+{{- end -}}
 {{- define "wavespeed-bridge.caDir" -}}/etc/wavespeed-bridge/kafka-ca{{- end -}}
 {{- define "wavespeed-bridge.configPath" -}}/etc/wavespeed-bridge/bridge.yaml{{- end -}}
 
 {{/*
 The bridge's config file: the values' config with the chart-managed keys set. server.host
-must be 0.0.0.0 so the kubelet and Prometheus reach the pod.
+must be 0.0.0.0 so the kubelet and Prometheus reach the pod, webhooks.host so the Service
+and the Ingress do.
 */}}
 {{- define "wavespeed-bridge.configYaml" -}}
 {{- $cfg := deepCopy .Values.config -}}
@@ -86,6 +93,12 @@ must be 0.0.0.0 so the kubelet and Prometheus reach the pod.
 {{- $_ := set $kafka "ssl_cafile" (printf "%s/%s" (include "wavespeed-bridge.caDir" .) .Values.kafkaCa.key) -}}
 {{- end -}}
 {{- $_ := set $cfg "kafka" $kafka -}}
+{{- $webhooks := deepCopy (.Values.config.webhooks | default dict) -}}
+{{- $_ := set $webhooks "host" "0.0.0.0" -}}
+{{- if include "wavespeed-bridge.webhooks" . -}}
+{{- $_ := set $webhooks "secret_file" (printf "%s/%s" (include "wavespeed-bridge.webhookSecretDir" .) .Values.secretKeys.webhookSecret) -}}
+{{- end -}}
+{{- $_ := set $cfg "webhooks" $webhooks -}}
 {{- $_ := set $cfg "server" (dict "host" "0.0.0.0" "port" (int .Values.metrics.port)) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
@@ -132,6 +145,12 @@ namespace="{{ .Release.Namespace }}", job="{{ include "wavespeed-bridge.fullname
 {{- end -}}
 {{- if and .Values.autoscaling.enabled (not (or .Values.autoscaling.targetCPUUtilizationPercentage .Values.autoscaling.targetMemoryUtilizationPercentage)) -}}
 {{- fail "autoscaling: set targetCPUUtilizationPercentage and/or targetMemoryUtilizationPercentage" -}}
+{{- end -}}
+{{- if and .Values.webhookIngress.enabled (not (include "wavespeed-bridge.webhooks" .)) -}}
+{{- fail "webhookIngress.enabled needs config.webhooks.enabled: there is no webhook port to route to" -}}
+{{- end -}}
+{{- if and (include "wavespeed-bridge.webhooks" .) (eq (int .Values.config.webhooks.port) (int .Values.metrics.port)) -}}
+{{- fail "config.webhooks.port must differ from metrics.port" -}}
 {{- end -}}
 {{- if and (include "wavespeed-bridge.sasl" .) (not .Values.config.kafka.sasl_mechanism) -}}
 {{- fail "config.kafka.sasl_mechanism is required when config.kafka.security_protocol is SASL_*" -}}
