@@ -100,8 +100,12 @@ class Committer:
         )
 
     async def run(self) -> None:
+        # A fixed cadence, not an interval after each commit: exactly once acknowledges at
+        # the commit, so a slow one must not push the next one later.
+        next_at = time.monotonic() + self._interval
         while self.running:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at + self._interval, time.monotonic())
             self.last_tick = time.monotonic()
             await self.commit()
             self._telemetry.gauges(self._clock.monotonic(), self._lag())

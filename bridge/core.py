@@ -16,6 +16,7 @@ is built it is found by the ticket of that event until the broker acknowledges i
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 from collections.abc import Callable
@@ -70,6 +71,7 @@ class Core:
         self.offsets: OffsetTracker[Partition] = OffsetTracker()
         self._active: dict[str, Task] = {}  # polling or parked, by task id
         self._unacked: dict[int, _EventOut | _DeadLetterOut] = {}  # by ticket
+        self._states: collections.Counter[State] = collections.Counter()  # tasks per state
         self._tickets = itertools.count()
         self._pause_announced_until = float("-inf")
         self._sweep_at = float("-inf")
@@ -104,8 +106,7 @@ class Core:
     @property
     def in_flight(self) -> int:
         """Tasks being polled or waiting for their event's acknowledgement."""
-        polling = sum(1 for t in self._active.values() if t.state is State.POLLING)
-        return polling + sum(1 for d in self._unacked.values() if isinstance(d, _EventOut))
+        return self._states[State.POLLING] + self._states[State.PUBLISHING]
 
     # --- a record arrives ----------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class Core:
         if known is not None and known.state is State.PARKED:
             # Back after a rebalance: keep its poll history.
             known.origins = [origin]
-            known.state = State.POLLING
+            self._move(known, State.POLLING)
             resume = (
                 self.policy.first_poll(known, now)
                 if known.last_poll is None
@@ -165,6 +166,7 @@ class Core:
             origin=origin,
         )
         self._active[task.task_id] = task
+        self._states[State.POLLING] += 1
         self.scheduler.schedule(task.task_id, self.policy.first_poll(task, now))
         return [facts.Consumed(task, rec.partition, rec.offset)]
 
@@ -307,7 +309,7 @@ class Core:
         cfg = self.config
         self.scheduler.cancel(task.task_id)
         del self._active[task.task_id]
-        task.state = State.PUBLISHING
+        self._move(task, State.PUBLISHING)
         event = ev.build_event(
             kind=kind,
             task_id=task.task_id,
@@ -340,6 +342,7 @@ class Core:
         if isinstance(out, _DeadLetterOut):
             self.offsets.done(out.partition, out.offset)
             return [facts.DeadLetterDelivered(out.reason)]
+        self._states[State.PUBLISHING] -= 1
         for topic, partition, offset in out.task.origins:
             self.offsets.done((topic, partition), offset)
         return [facts.Delivered(out.task, out.kind, out.finished, at)]
@@ -362,7 +365,7 @@ class Core:
                 task.origins = keep
                 continue
             self.scheduler.cancel(task.task_id)
-            task.state = State.PARKED
+            self._move(task, State.PARKED)
 
     def release(self, partitions: set[Partition], why: str) -> list[Effect]:
         """Set ``partitions`` aside (after their last commit), counting the records the next
@@ -385,7 +388,7 @@ class Core:
         for part in partitions:
             self.offsets.release(part)
             self.map_bytes.pop(part, None)
-        parked = sum(1 for t in self._active.values() if t.state is State.PARKED)
+        parked = self._states[State.PARKED]
         numbers = sorted(p for _, p in partitions)
         return [facts.Released(numbers, why, parked, ahead + unacked)]
 
@@ -410,8 +413,9 @@ class Core:
         for task_id, task in list(self._active.items()):
             if task.state is State.PARKED and not task.partitions() & partitions:
                 del self._active[task_id]
+                self._states[State.PARKED] -= 1
                 handed_over += 1
-        kept = sum(1 for t in self._active.values() if t.state is State.PARKED)
+        kept = self._states[State.PARKED]
         numbers = sorted(p for _, p in partitions)
         return [facts.Assigned(numbers, kept, handed_over, known)]
 
@@ -429,9 +433,13 @@ class Core:
             if where != part:
                 continue
             del self._unacked[ticket]
-            if isinstance(out, _EventOut):  # polled again when its record returns
-                out.task.state = State.PARKED
-                self._active.setdefault(out.task.task_id, out.task)
+            if not isinstance(out, _EventOut):
+                continue
+            if out.task.task_id in self._active:  # the same id is tracked again already
+                self._states[State.PUBLISHING] -= 1
+            else:  # polled again when its record returns
+                self._move(out.task, State.PARKED)
+                self._active[out.task.task_id] = out.task
         self.offsets.drop(part)
         self.map_bytes.pop(part, None)
 
@@ -492,6 +500,12 @@ class Core:
         return {part for part, size in self.map_bytes.items() if size >= limit}
 
     # --- internals -----------------------------------------------------------------------
+
+    def _move(self, task: Task, state: State) -> None:
+        """Change a task's state, keeping the counts per state (in_flight, parked) exact."""
+        self._states[task.state] -= 1
+        self._states[state] += 1
+        task.state = state
 
     def _priority(self, task_id: str, due: float) -> float:
         task = self._active.get(task_id)

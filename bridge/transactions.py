@@ -1,5 +1,5 @@
-"""Exactly-once delivery: each commit interval, one Kafka transaction per input partition
-carries the events finished for it and its input offset (with the offset map).
+"""Exactly-once delivery: per input partition, its events and its input offset (with the
+offset map) in one Kafka transaction, committed every commit interval.
 
 Transactional ids are ``<prefix>-<input topic>-<partition>`` (prefix: ``kafka.
 transactional_id_prefix``, else the group id), one producer per assigned partition. Kafka
@@ -8,17 +8,21 @@ initialises its id, which aborts whatever the previous owner left open and fence
 owner, so a replica frozen past its session and resumed (a zombie) gets every later
 transaction refused. aiokafka's ``send_offsets_to_transaction`` carries no group
 generation (KIP-447), so a single id per process could not fence; one id per partition
-needs nothing from the client but the protocol's oldest transactional guarantee.
+needs nothing of the client but the protocol's oldest transactional guarantee.
 
-A transaction that fails is aborted and the partition starts again from its committed
-offset: its tasks are parked and revived when their records come back, and their events
-go out in a later transaction. Subscribers reading with ``isolation.level=read_committed``
-see each event once.
+Each partition is a :class:`_Lane`: events are sent into its open transaction as soon as
+they are built (the producer batches them meanwhile), and at each commit tick the lane adds
+its offset and commits, so a commit waits for little and an event is visible within about
+one commit interval. A transaction that fails is aborted and the partition starts again
+from its committed offset: its tasks are parked and revived when their records come back,
+and their events go out in a later transaction. Subscribers reading with
+``isolation.level=read_committed`` see each event once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterable
@@ -46,8 +50,26 @@ def transactional_id(config: Config, part: Partition) -> str:
     return f"{prefix}-{part[0]}-{part[1]}"
 
 
+class _Failed(Exception):
+    """The lane's transaction cannot commit: abort it."""
+
+
+class _Lane:
+    """One input partition's producer and its open transaction."""
+
+    def __init__(self, part: Partition, producer: AIOKafkaProducer) -> None:
+        self.part, self.producer = part, producer
+        self.queue: collections.deque[Publish] = collections.deque()  # not sent yet
+        self.sent: list[tuple[Publish, asyncio.Future[Any] | None]] = []  # in the transaction
+        self.open = False  # a transaction is begun
+        self.failure: BaseException | None = None  # a send into it failed
+        self.lock = asyncio.Lock()  # sending and committing take turns
+        self.wake = asyncio.Event()
+        self.feeder: asyncio.Task[None] | None = None
+
+
 class TransactionalOutbox:
-    """The outbox of ``delivery: exactly_once``: records wait for their partition's next
+    """The outbox of ``delivery: exactly_once``: records go into their partition's open
     transaction; the broker's commit of it is their acknowledgement."""
 
     def __init__(
@@ -66,9 +88,9 @@ class TransactionalOutbox:
         self._make_producer = make_producer or (
             lambda tid: kafka_io.make_producer(config.kafka, transactional_id=tid)
         )
-        self._producers: dict[Partition, AIOKafkaProducer] = {}
-        self._pending: dict[Partition, list[Publish]] = {}
-        self._busy: dict[Partition, asyncio.Task[None]] = {}  # a transaction under way
+        self._lanes: dict[Partition, _Lane] = {}
+        self._waiting: dict[Partition, list[Publish]] = {}  # for a partition without a lane
+        self._busy: dict[Partition, asyncio.Task[None]] = {}  # a commit under way
         self._missing: frozenset[str] = frozenset()  # topics the brokers do not list
 
     # --- effects -------------------------------------------------------------------------
@@ -77,29 +99,38 @@ class TransactionalOutbox:
         for effect in effects:
             if isinstance(effect, Publish):
                 assert effect.partition is not None, "exactly-once records name a partition"
-                self._pending.setdefault(effect.partition, []).append(effect)
-                self._count_pending()
+                lane = self._lanes.get(effect.partition)
+                if lane is None:
+                    self._waiting.setdefault(effect.partition, []).append(effect)
+                else:
+                    lane.queue.append(effect)
+                    lane.wake.set()
             else:
                 self._telemetry.observe((effect,))
+        self._count_pending()
 
     def _count_pending(self) -> None:
-        pending = sum(len(p) for p in self._pending.values())
+        pending = sum(len(w) for w in self._waiting.values()) + sum(
+            len(lane.queue) + len(lane.sent) for lane in self._lanes.values()
+        )
         self._telemetry.metrics.events_pending.set(pending)
 
     def hold_topics(self, missing: frozenset[str]) -> None:
-        """A partition with records for a missing topic waits (a send would only time out)."""
+        """Records for a missing topic wait (a send would only time out)."""
         self._missing = missing
+        if not missing:
+            for lane in self._lanes.values():
+                lane.wake.set()
 
     async def settled(self, timeout: float) -> None:
         """Nothing to wait for: records become visible with their transaction."""
 
-    # --- producers, one per assigned partition -------------------------------------------
+    # --- lanes, one per assigned partition -----------------------------------------------
 
     async def open(self, partitions: set[Partition]) -> None:
         """Initialise the transactional id of each new partition: it fences the previous
         owner and aborts what it left open, before this member reads the committed offset."""
-        new = [p for p in partitions if p not in self._producers]
-        await asyncio.gather(*(self._open(p) for p in new))
+        await asyncio.gather(*(self._open(p) for p in partitions if p not in self._lanes))
 
     async def _open(self, part: Partition) -> None:
         producer = self._make_producer(transactional_id(self._config, part))
@@ -109,93 +140,66 @@ class TransactionalOutbox:
             log.warning("transactional producer not started", partition=part[1], error=repr(exc))
             with contextlib.suppress(Exception):
                 await producer.stop()
-            return  # tried again before the next transaction
-        self._producers[part] = producer
+            return  # tried again at the next commit
+        lane = self._lanes[part] = _Lane(part, producer)
+        lane.queue.extend(self._waiting.pop(part, ()))
+        lane.feeder = asyncio.create_task(self._feed(lane), name=f"txn-feed-{part[1]}")
+        lane.wake.set()
 
     async def close(self, partitions: set[Partition]) -> None:
-        """After the partitions' last transaction: stop their producers."""
+        """After the partitions' last commit: stop their producers."""
         running = [self._busy[p] for p in partitions if p in self._busy]
         if running:
             await asyncio.wait(running, timeout=TRANSACTION_TIMEOUT_S)
         for part in partitions:
-            self._pending.pop(part, None)
-            producer = self._producers.pop(part, None)
-            if producer is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), 5.0)
-
-    # --- transactions --------------------------------------------------------------------
-
-    async def commit(self, *, only: set[Partition] | None = None, timeout: float = 10.0) -> None:
-        """One transaction per partition with records or progress to commit, each in its own
-        task: a transaction is never cancelled half way (a caller's timeout only stops
-        the waiting), and a partition has one transaction at a time."""
-        parts = set(self._core.offsets.partitions()) | set(self._pending)
-        if only is not None:
-            parts &= only
-        missing = {p for p in parts if p not in self._producers}
-        if missing:
-            await self.open(missing)
-        for part in sorted(parts):
-            if part in self._producers and part not in self._busy:
-                task = asyncio.create_task(self._transact(part), name=f"txn-{part[1]}")
-                self._busy[part] = task
-                task.add_done_callback(functools.partial(self._done, part))
-        running = [self._busy[p] for p in parts if p in self._busy]
-        if running:
-            await asyncio.wait(running, timeout=timeout)
-
-    def _done(self, part: Partition, task: asyncio.Task[None]) -> None:
-        self._busy.pop(part, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("transaction failed", partition=part[1], exc_info=task.exception())
-
-    async def _transact(self, part: Partition) -> None:
-        core, producer = self._core, self._producers[part]
-        if any(p.record.topic in self._missing for p in self._pending.get(part, ())):
-            return
-        pending = self._pending.pop(part, [])
+            self._waiting.pop(part, None)
+            lane = self._lanes.pop(part, None)
+            if lane is None:
+                continue
+            if lane.feeder is not None:
+                lane.feeder.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(lane.producer.stop(), 5.0)
         self._count_pending()
-        plan = core.transaction_plan(part, [p.ticket for p in pending])
-        if not pending and plan is None:
-            return
-        metrics = self._telemetry.metrics
-        try:
-            await producer.begin_transaction()
-            sent = [await self._send(producer, p) for p in pending]
-            if plan is not None:
-                offsets = {TopicPartition(*part): OffsetAndMetadata(*plan)}
-                await producer.send_offsets_to_transaction(offsets, self._config.kafka.group_id)
-            await producer.commit_transaction()
-            await asyncio.gather(*(f for f in sent if f is not None))
-        except ProducerFenced:
-            # Another member initialised this partition's id: it owns the partition now.
-            metrics.transactions.labels("fenced").inc()
-            log.warning("transactional id fenced: the partition has a new owner", partition=part[1])
-            core.reset(part)
-            self._drop(part)
-            return
-        except (KafkaError, TimeoutError) as exc:
-            metrics.transactions.labels("aborted").inc()
-            log.warning(
-                "transaction aborted, the partition restarts", partition=part[1], error=repr(exc)
-            )
-            await self._abort(part, producer)
-            core.reset(part)
-            await self._restart(part)
-            return
-        metrics.transactions.labels("committed").inc()
-        at = self._clock.read()
-        for p in pending:
-            self._telemetry.observe(core.acknowledged(p.ticket, at))
-        if plan is not None:
-            core.offsets.mark_committed({part: plan[0]}, {part: plan[1]})
-        metrics.commits.inc()
+
+    def _drop(self, lane: _Lane) -> None:
+        """Forget a lane whose producer cannot go on; stopped in the background."""
+        if self._lanes.get(lane.part) is lane:
+            del self._lanes[lane.part]
+        if lane.feeder is not None:
+            lane.feeder.cancel()
+        stopping = asyncio.ensure_future(lane.producer.stop())
+        stopping.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def cancel(self) -> None:
-        self._pending.clear()
         for task in list(self._busy.values()):
             task.cancel()
+        for lane in self._lanes.values():
+            if lane.feeder is not None:
+                lane.feeder.cancel()
+
+    # --- sending into the open transaction ------------------------------------------------
+
+    async def _feed(self, lane: _Lane) -> None:
+        while True:
+            await lane.wake.wait()
+            lane.wake.clear()
+            async with lane.lock:
+                await self._send_queued(lane)
+
+    async def _send_queued(self, lane: _Lane) -> None:
+        while lane.queue and lane.failure is None:
+            if lane.queue[0].record.topic in self._missing:
+                return
+            try:
+                if not lane.open:
+                    await lane.producer.begin_transaction()
+                    lane.open = True
+                p = lane.queue.popleft()
+                lane.sent.append((p, await self._send(lane.producer, p)))
+            except Exception as exc:  # the commit aborts and restarts the partition
+                lane.failure = exc
+                return
 
     async def _send(self, producer: AIOKafkaProducer, p: Publish) -> asyncio.Future[Any] | None:
         """Queue one record in the transaction; a record that can never be sent is replaced
@@ -212,15 +216,91 @@ class TransactionalOutbox:
                 log.error("record cannot be published", topic=record.topic, error="too large")
         return None
 
-    async def _abort(self, part: Partition, producer: AIOKafkaProducer) -> None:
-        try:
-            await asyncio.wait_for(producer.abort_transaction(), TRANSACTION_TIMEOUT_S)
-        except Exception:  # the producer is unusable: a new one aborts on the broker side
-            self._drop(part)
+    # --- committing ----------------------------------------------------------------------
 
-    def _drop(self, part: Partition) -> None:
-        """Forget a producer that cannot go on; stopped in the background."""
-        producer = self._producers.pop(part, None)
-        if producer is not None:
-            stopping = asyncio.ensure_future(producer.stop())
-            stopping.add_done_callback(lambda f: f.cancelled() or f.exception())
+    async def commit(self, *, only: set[Partition] | None = None, timeout: float = 10.0) -> None:
+        """Commit each partition's transaction (its offset added), each in its own task: a
+        commit is never cancelled half way (a caller's timeout only stops the waiting)."""
+        parts = set(self._core.offsets.partitions()) | set(self._lanes) | set(self._waiting)
+        if only is not None:
+            parts &= only
+        missing = {p for p in parts if p not in self._lanes}
+        if missing:
+            await self.open(missing)
+        for part in sorted(parts):
+            lane = self._lanes.get(part)
+            if lane is not None and part not in self._busy:
+                task = asyncio.create_task(self._commit(lane), name=f"txn-{part[1]}")
+                self._busy[part] = task
+                task.add_done_callback(functools.partial(self._done, part))
+        running = [self._busy[p] for p in parts if p in self._busy]
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+
+    def _done(self, part: Partition, task: asyncio.Task[None]) -> None:
+        self._busy.pop(part, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("transaction failed", partition=part[1], exc_info=task.exception())
+
+    async def _commit(self, lane: _Lane) -> None:
+        core, part, metrics = self._core, lane.part, self._telemetry.metrics
+        async with lane.lock:
+            await self._send_queued(lane)
+            tickets = [p.ticket for p, _ in lane.sent]
+            plan = core.transaction_plan(part, tickets)
+            if not lane.sent and plan is None and lane.failure is None:
+                return
+            sent, lane.sent = lane.sent, []
+            try:
+                if lane.failure is not None:
+                    raise _Failed from lane.failure
+                if not lane.open:
+                    await lane.producer.begin_transaction()
+                    lane.open = True
+                if plan is not None:
+                    offsets = {TopicPartition(*part): OffsetAndMetadata(*plan)}
+                    await lane.producer.send_offsets_to_transaction(
+                        offsets, self._config.kafka.group_id
+                    )
+                await asyncio.wait_for(lane.producer.commit_transaction(), TRANSACTION_TIMEOUT_S)
+                await asyncio.gather(*(f for _, f in sent if f is not None))
+            except ProducerFenced:
+                # Another member initialised this partition's id: it owns the partition now.
+                metrics.transactions.labels("fenced").inc()
+                log.warning(
+                    "transactional id fenced: the partition has a new owner", partition=part[1]
+                )
+                core.reset(part)
+                self._drop(lane)
+                return
+            except (KafkaError, TimeoutError, _Failed) as exc:
+                metrics.transactions.labels("aborted").inc()
+                cause = exc.__cause__ if isinstance(exc, _Failed) else exc
+                log.warning(
+                    "transaction aborted, the partition restarts",
+                    partition=part[1],
+                    error=repr(cause),
+                )
+                await self._abort(lane)
+                core.reset(part)
+                await self._restart(part)
+                return
+            finally:
+                lane.open = False
+                self._count_pending()
+        metrics.transactions.labels("committed").inc()
+        at = self._clock.read()
+        for p, _ in sent:
+            self._telemetry.observe(core.acknowledged(p.ticket, at))
+        if plan is not None:
+            core.offsets.mark_committed({part: plan[0]}, {part: plan[1]})
+        metrics.commits.inc()
+
+    async def _abort(self, lane: _Lane) -> None:
+        lane.queue.clear()
+        lane.failure = None
+        try:
+            if lane.open:
+                await asyncio.wait_for(lane.producer.abort_transaction(), TRANSACTION_TIMEOUT_S)
+        except Exception:  # the producer is unusable: a new one aborts on the broker side
+            self._drop(lane)

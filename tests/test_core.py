@@ -318,3 +318,23 @@ def test_an_outcome_for_a_task_no_longer_polled_changes_nothing() -> None:
     core.park({(T, 0)})
     assert core.on_outcome(task, completed(), clock.read()) == []
     assert task.polls == 0 and core.acknowledged(12345, clock.read()) == []
+
+
+def test_counts_follow_every_state_change() -> None:
+    clock = ManualClock()
+    core = make(clock)
+    for i in range(3):
+        core.on_record(rec(i, f"pred_{i}"), clock.read())
+    assert core.in_flight == 3
+    clock.advance(1.0)
+    ((first, _), *_) = core.take_due(clock.monotonic(), 1)
+    done = core.on_outcome(first, completed(), clock.read())
+    assert core.in_flight == 3 and len(core.publishing()) == 1
+    ack_all(core, clock, done)
+    assert core.in_flight == 2
+    core.park({(T, 0)})
+    assert core.in_flight == 0 and len(core.parked()) == 2
+    core.release({(T, 0)}, "revoked")
+    (assigned,) = core.assign({(T, 1): (None, "")})
+    assert isinstance(assigned, facts.Assigned) and assigned.handed_over == 2
+    assert core.in_flight == 0 and core.parked() == {}

@@ -171,6 +171,19 @@ async def top_up(
             await asyncio.sleep(0.25)
 
 
+async def paced(feeder: Feeder, topic: str, rate: float, step_s: float = 0.1) -> None:
+    """Open loop at a fixed rate: ``rate`` tasks per second, done on the first poll."""
+    due = 0.0
+    while True:
+        started = time.monotonic()
+        due += rate * step_s
+        n = int(due)
+        if n:
+            due -= n
+            await feeder.feed(topic, done_on_first_poll(n))
+        await asyncio.sleep(max(0.0, step_s - (time.monotonic() - started)))
+
+
 async def keep_in_flight(
     feeder: Feeder, bootstrap: str, topics: Topics, finished: Counter[str]
 ) -> None:

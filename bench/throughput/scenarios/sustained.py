@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.procs import cpu_shares, rss_bytes, sample_cpu
 from bench.throughput import profiles
-from bench.throughput.feeding import Feeder, done_on_first_poll, top_up
+from bench.throughput.feeding import Feeder, done_on_first_poll, paced, top_up
 from bench.throughput.measurement import (
     count_log_events,
     metric_above,
@@ -51,8 +51,17 @@ async def sustained_all(stack: Stack) -> list[dict[str, Any]]:
 
 
 async def sustained(
-    stack: Stack, broker: RunningBroker, transport: str, *, seconds: float, profile: bool
+    stack: Stack,
+    broker: RunningBroker,
+    transport: str,
+    *,
+    seconds: float,
+    profile: bool,
+    delivery: str = "at_least_once",
+    rate: float | None = None,
 ) -> dict[str, Any]:
+    """One run; ``rate``: feed that many tasks/s instead of keeping a backlog (latency at a
+    load the bridge keeps up with, rather than at its limit)."""
     s, sim = stack.s, stack.sim
     topics = await stack.topics(broker)
     base = await sim.requests()
@@ -60,9 +69,10 @@ async def sustained(
     async def polled() -> int:
         return await sim.requests() - base
 
-    name = f"{broker.key}-{transport}"
+    name = f"{broker.key}-{transport}-{delivery}-{rate or 'max'}"
     async with Feeder(sim, broker.bootstrap, stack.rng) as feeder:
-        await feeder.feed(topics.input, done_on_first_poll(20_000))
+        if rate is None:
+            await feeder.feed(topics.input, done_on_first_poll(20_000))
         config = bridge_config(
             s,
             broker,
@@ -72,8 +82,13 @@ async def sustained(
             max_in_flight=10_000,
             transport=transport,
         )
+        config["delivery"] = delivery
         bridge = BridgeProc(stack.workdir, f"bridge-sustained-{name}", config)
-        feeding = asyncio.create_task(top_up(feeder, topics.input, polled, 20_000))
+        feeding = asyncio.create_task(
+            top_up(feeder, topics.input, polled, 20_000)
+            if rate is None
+            else paced(feeder, topics.input, rate)
+        )
         try:
             async with stack.background(feeding):
                 await bridge.wait_ready()
@@ -89,6 +104,8 @@ async def sustained(
                 result["gauges"] = gauges
                 result["transport"] = transport
                 result["broker"] = broker.key
+                result["delivery"] = delivery
+                result["offered"] = rate
                 result["rss_mb"] = rss_bytes(bridge.pid) / 2**20
                 result["broker_rss_mb"] = broker.rss_mb()
                 if profile:
@@ -98,7 +115,8 @@ async def sustained(
             await bridge.stop()
     result["log_publish_retries"] = count_log_events(bridge.log_path, "publish failed, retrying")
     say(
-        f"  bridge ({transport:<7}, {broker.name}) {result['polls_per_s']:8,.0f} polls/s "
+        f"  bridge ({transport:<7}, {broker.name}, {delivery})"
+        f" {result['polls_per_s']:8,.0f} polls/s "
         f"{result['tasks_per_s']:8,.0f} tasks/s  bridge CPU {result['cpu']['bridge']:.0%}  "
         f"simulator CPU {result['cpu'].get('simulator', 0):.0%}  "
         f"broker CPU {result['cpu'].get('broker', 0):.0%}"
