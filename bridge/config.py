@@ -486,7 +486,7 @@ def _check_webhooks(config: Config, problems: list[str]) -> None:
         w.topic == k.timeout_topic
     ):
         problems.append("webhooks.topic: must differ from kafka's input and output topics")
-    if w.max_body_bytes > k.max_message_bytes:
+    if w.enabled and w.max_body_bytes > k.max_message_bytes:
         problems.append(
             f"webhooks.max_body_bytes: must not exceed kafka.max_message_bytes"
             f" ({k.max_message_bytes}): a delivery is produced to webhooks.topic as it came"
