@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import socket
 import time
+import uuid
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -37,17 +40,24 @@ from bridge.server import HealthServer
 from bridge.tasks import Task
 from bridge.telemetry import Telemetry
 from bridge.transactions import TransactionalOutbox
+from bridge.webhook_feed import WebhookFeed
+from bridge.webhook_policy import WebhookAware
+from bridge.webhook_server import WebhookServer, kafka_publish
 
 log = structlog.get_logger("wavespeed_bridge")
 
 
 def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:
     p = config.polling
+    base: PollPolicy
     if p.policy == "adaptive":
         from bridge.adaptive import AdaptivePolicy
 
-        return AdaptivePolicy.from_config(p, rng=rng)
-    return FixedInterval(p.interval_s, jitter=p.jitter, rng=rng)
+        base = AdaptivePolicy.from_config(p, rng=rng)
+    else:
+        base = FixedInterval(p.interval_s, jitter=p.jitter, rng=rng)
+    # With webhooks, polls wait until a task's delivery is overdue (see webhook_policy).
+    return WebhookAware(base) if config.webhooks.enabled else base
 
 
 class Bridge:
@@ -58,6 +68,7 @@ class Bridge:
         config: Config,
         *,
         api_key: str | None,
+        webhook_secret: str | None = None,
         clock: Clock | None = None,
         policy: PollPolicy | None = None,
         metrics: Metrics | None = None,
@@ -73,7 +84,13 @@ class Bridge:
         self.core = Core(config, policy=self.policy, rng=self.rng, now=self.clock.monotonic())
         self.telemetry = Telemetry(self.metrics, self.core, now=self.clock.monotonic())
         self.api = ApiClient.from_config(config.api, api_key)
-        self.kafka = KafkaHealth(config.kafka, self.metrics)
+        w = config.webhooks
+        self.kafka = KafkaHealth(
+            config.kafka, self.metrics, frozenset({w.topic}) if w.enabled else frozenset()
+        )
+        self.webhook_secret = webhook_secret
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.webhook_server: WebhookServer | None = None
         self.server = HealthServer(
             host=config.server.host,
             port=config.server.port,
@@ -201,6 +218,7 @@ class Bridge:
             on_assigned=self._assigned,
         )
         consumer.subscribe([cfg.kafka.input_topic], listener=listener)
+        feed = await self._start_webhooks(producer, outbox) if cfg.webhooks.enabled else None
         self._started = True
         # Outlives the other loops: finished events still go out during shutdown.
         publishing = asyncio.create_task(publisher.run(), name="publish")
@@ -212,6 +230,8 @@ class Bridge:
                 self._health_loop(producer, publisher, transactions), name="health"
             ),
         ]
+        if feed is not None:
+            loops.append(asyncio.create_task(feed.run(), name="webhooks"))
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *loops], return_when=asyncio.FIRST_COMPLETED)
@@ -220,9 +240,48 @@ class Bridge:
                     log.error("loop failed", loop=t.get_name(), exc_info=t.exception())
             await self._shutdown([*loops, stopper])
         finally:
+            if self.webhook_server is not None:
+                await self.webhook_server.stop()
+            if feed is not None:
+                await feed.close()
             publishing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await publishing
+
+    async def _start_webhooks(self, producer: AIOKafkaProducer, outbox: AnyOutbox) -> WebhookFeed:
+        """The receiver (deliveries into the webhook topic) and the topic's reader."""
+        cfg = self.config
+        if not self.webhook_secret:
+            raise RuntimeError("webhooks.enabled needs the webhook secret")
+        reader = kafka_io.make_reader(cfg.kafka)
+        await reader.start()
+        feed = WebhookFeed(
+            reader,
+            producer,
+            core=self.core,
+            outbox=outbox,
+            clock=self.clock,
+            config=cfg,
+            replica=self.replica,
+        )
+        await feed.start()
+        outbox.listeners.append(feed.note)
+        self.webhook_server = WebhookServer(
+            cfg.webhooks,
+            secret=self.webhook_secret,
+            publish=kafka_publish(producer, cfg.webhooks.topic),
+            metrics=self.metrics,
+            clock=self.clock,
+            replica=self.replica,
+        )
+        await self.webhook_server.start()
+        self.metrics.webhooks_enabled.set(1)
+        log.info(
+            "webhook receiver listening",
+            url=f"http://{cfg.webhooks.host}:{self.webhook_server.port}{cfg.webhooks.path}",
+            topic=cfg.webhooks.topic,
+        )
+        return feed
 
     def _assigned(self) -> None:
         self._assigned_once = True

@@ -29,10 +29,11 @@ from bridge.config import Config
 from bridge.facts import Effect, Publish
 from bridge.messages import Record, Rejected, parse_task
 from bridge.offsets import OffsetTracker
-from bridge.outcomes import TERMINAL, Kind, Outcome
+from bridge.outcomes import TERMINAL, Kind, Outcome, Prediction
 from bridge.policy import PollPolicy, clamp_to_deadline, overdue, request_limit, retry_delay
 from bridge.scheduler import Scheduler, TokenBucket
 from bridge.tasks import State, Task
+from bridge.webhook_policy import WebhookAware
 
 Partition = tuple[str, int]
 # How often polls waiting for a slot, the budget or a pause are checked for passed deadlines.
@@ -46,6 +47,17 @@ class _EventOut:
     task: Task
     kind: ev.EventType
     finished: Instant
+
+
+@dataclass(slots=True)
+class _Remembered:
+    """A delivery for a task id not tracked here (yet)."""
+
+    outcome: Outcome
+    webhook_id: str
+    received: float
+    mine: bool  # received by this replica's receiver
+    expires: float
 
 
 @dataclass(slots=True)
@@ -81,6 +93,8 @@ class Core:
         self._map_limit = k.offset_metadata_max_bytes
         self.metadata_supported = True  # until a broker is seen dropping commit metadata
         self.map_bytes: dict[Partition, int] = {}  # offset map size per partition
+        self._webhooks = policy if isinstance(policy, WebhookAware) else None
+        self._deliveries: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
         self._topics: dict[ev.EventType, str] = {
             "completed": k.completed_topic,
             "failed": k.failed_topic,
@@ -139,7 +153,7 @@ class Core:
                 else self.policy.next_poll(known, known.last_poll)
             )
             self.scheduler.schedule(known.task_id, max(now, resume))
-            return [facts.Revived(known)]
+            return [facts.Revived(known), *self._pending_delivery(known, at)]
         if known is not None and (self._join_across or part in known.partitions()):
             # Only a task still being polled can take it: an event built cannot list it.
             known.origins.append(origin)
@@ -168,7 +182,7 @@ class Core:
         self._active[task.task_id] = task
         self._states[State.POLLING] += 1
         self.scheduler.schedule(task.task_id, self.policy.first_poll(task, now))
-        return [facts.Consumed(task, rec.partition, rec.offset)]
+        return [facts.Consumed(task, rec.partition, rec.offset), *self._pending_delivery(task, at)]
 
     def on_undecodable(self, topic: str, partition: int, offset: int, why: str) -> list[Effect]:
         """A record the Kafka client could not decode: dead-lettered by its offset alone."""
@@ -233,13 +247,7 @@ class Core:
         task.polls += 1
         task.last_poll = now
         kind = outcome.kind
-        prediction = outcome.prediction
-        if prediction is not None:
-            task.prediction = prediction
-            if prediction.created_at is not None:
-                task.learn_created(now - (at.wall - prediction.created_at), prediction.created_at)
-            if task.model is None and prediction.model:
-                task.model = prediction.model
+        self._learn(task, outcome.prediction, at)
         if kind in TERMINAL:
             task.failures = 0
             if kind is not Kind.NOT_FOUND:
@@ -310,6 +318,8 @@ class Core:
         self.scheduler.cancel(task.task_id)
         del self._active[task.task_id]
         self._move(task, State.PUBLISHING)
+        if self._webhooks is not None and kind != "timeout":
+            self._webhooks.finished(task, task.delivered_wall)
         event = ev.build_event(
             kind=kind,
             task_id=task.task_id,
@@ -331,6 +341,73 @@ class Core:
         reduced = _reduced(event, topic, mode)
         origin = (task.origins[0][0], task.origins[0][1]) if task.origins else None
         return [facts.Finished(task, kind, reason), Publish(ticket, record, reduced, origin)]
+
+    # --- webhook deliveries ----------------------------------------------------------------
+
+    def on_delivery(
+        self,
+        task_id: str,
+        outcome: Outcome,
+        *,
+        webhook_id: str,
+        received: float,
+        mine: bool,
+        at: Instant,
+    ) -> list[Effect]:
+        """A verified delivery from the webhook topic (every replica reads them all):
+        ``received`` is when a replica's receiver took it (unix seconds), ``mine`` whether
+        that was this replica. The task's owner acts on it; a replica that does not track
+        the task remembers it a while, in case the task's record comes later."""
+        if outcome.kind not in TERMINAL:
+            return []  # not an outcome: polling decides
+        task = self._active.get(task_id)
+        if task is not None and task.state is State.POLLING:
+            return self._apply_delivery(task, outcome, webhook_id, received, at)
+        if self._webhooks is not None and self._webhooks.late(task_id, received):
+            return [facts.DeliveryLate(task_id, webhook_id)]
+        self._deliveries.pop(task_id, None)
+        ttl = self.config.webhooks.pending_ttl_s
+        self._deliveries[task_id] = _Remembered(outcome, webhook_id, received, mine, at.mono + ttl)
+        out: list[Effect] = []
+        while len(self._deliveries) > self.config.webhooks.pending_max:
+            old_id, old = self._deliveries.popitem(last=False)
+            out.append(facts.DeliveryExpired(old_id, old.webhook_id, old.mine))
+        return out
+
+    def delivery_applied(self, task_id: str) -> None:
+        """Another replica acted on a delivery for ``task_id``: forget it here."""
+        self._deliveries.pop(task_id, None)
+
+    def expire_deliveries(self, now: float) -> list[Effect]:
+        """Deliveries remembered longer than ``webhooks.pending_ttl_s``: no task came."""
+        out: list[Effect] = []
+        while self._deliveries:
+            task_id, first = next(iter(self._deliveries.items()))
+            if first.expires > now:
+                break
+            del self._deliveries[task_id]
+            out.append(facts.DeliveryExpired(task_id, first.webhook_id, first.mine))
+        return out
+
+    def _pending_delivery(self, task: Task, at: Instant) -> list[Effect]:
+        known = self._deliveries.pop(task.task_id, None) if self._deliveries else None
+        if known is None:
+            return []
+        return self._apply_delivery(task, known.outcome, known.webhook_id, known.received, at)
+
+    def _apply_delivery(
+        self, task: Task, outcome: Outcome, webhook_id: str, received: float, at: Instant
+    ) -> list[Effect]:
+        task.delivered_wall = received
+        spared = self._webhooks.polls_without(task, at.mono) if self._webhooks else 0
+        if self.config.webhooks.confirm_by_poll:  # one poll, now, says what happened
+            self.scheduler.schedule(task.task_id, at.mono)
+            return [facts.DeliveryApplied(task, webhook_id, True, max(0, spared - 1))]
+        self._learn(task, outcome.prediction, at)
+        self.policy.observe(task, at.mono)
+        kind: ev.EventType = "completed" if outcome.kind is Kind.COMPLETED else "failed"
+        applied = facts.DeliveryApplied(task, webhook_id, False, spared)
+        return [applied, *self._finish(task, kind, outcome.reason or None, at)]
 
     # --- the broker acknowledges ---------------------------------------------------------
 
@@ -500,6 +577,17 @@ class Core:
         return {part for part, size in self.map_bytes.items() if size >= limit}
 
     # --- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _learn(task: Task, prediction: Prediction | None, at: Instant) -> None:
+        """What an answer about the task tells: its result so far, creation time, model."""
+        if prediction is None:
+            return
+        task.prediction = prediction
+        if prediction.created_at is not None:
+            task.learn_created(at.mono - (at.wall - prediction.created_at), prediction.created_at)
+        if task.model is None and prediction.model:
+            task.model = prediction.model
 
     def _move(self, task: Task, state: State) -> None:
         """Change a task's state, keeping the counts per state (in_flight, parked) exact."""

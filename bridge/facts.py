@@ -118,6 +118,34 @@ class Assigned:
     known_finished: int = 0  # offsets the offset maps (or an earlier stay) say are done
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryApplied:
+    """This replica acted on a webhook delivery for a task it tracks: finished it, or
+    (``confirm``) polled it at once. ``spared``: polls the schedule would have sent."""
+
+    task: Task
+    webhook_id: str
+    confirm: bool
+    spared: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryLate:
+    """A delivery for a task a poll had already finished."""
+
+    task_id: str
+    webhook_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryExpired:
+    """A remembered delivery whose task never came here; ``mine``: this replica received it."""
+
+    task_id: str
+    webhook_id: str
+    mine: bool
+
+
 Fact = (
     Consumed
     | Joined
@@ -130,5 +158,8 @@ Fact = (
     | Paused
     | Released
     | Assigned
+    | DeliveryApplied
+    | DeliveryLate
+    | DeliveryExpired
 )
 Effect = Publish | Fact

@@ -21,8 +21,11 @@ log = structlog.get_logger("wavespeed_bridge")
 
 
 class KafkaHealth:
-    def __init__(self, config: KafkaConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: KafkaConfig, metrics: Metrics, extra_topics: frozenset[str] = frozenset()
+    ) -> None:
         self._config, self._metrics = config, metrics
+        self._extra = extra_topics  # the webhook topic, when webhooks are on
         self.ok = False
         self.problem: tuple[str, str] | None = None  # (kind, why) while unreachable
         self.missing_topics: frozenset[str] = frozenset()
@@ -104,6 +107,7 @@ class KafkaHealth:
     def _check_topics(self, present: set[str]) -> None:
         k = self._config
         wanted = {k.input_topic, k.completed_topic, k.failed_topic, k.dead_letter_topic}
+        wanted |= self._extra
         if k.timeout_topic:
             wanted.add(k.timeout_topic)
         missing = frozenset(wanted - present)

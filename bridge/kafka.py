@@ -77,6 +77,16 @@ def make_consumer(config: KafkaConfig) -> AIOKafkaConsumer:
     )
 
 
+def make_reader(config: KafkaConfig) -> AIOKafkaConsumer:
+    """A consumer outside any group, for a topic every replica reads whole (webhooks)."""
+    return AIOKafkaConsumer(
+        **client_options(config),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+
+
 def make_producer(config: KafkaConfig, transactional_id: str | None = None) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         transactional_id=transactional_id,

@@ -319,6 +319,33 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
+        self.webhooks_enabled = Gauge(
+            f"{p}_webhooks_enabled", "1 when webhooks.enabled (the receiver runs).", registry=r
+        )
+        self.webhook_finished = Counter(
+            f"{p}_webhook_finished_tasks",
+            "Tasks this replica acted on from a webhook delivery, by how: delivery (finished "
+            "by it) or confirm_poll (one poll sent at once, webhooks.confirm_by_poll).",
+            ["how"],
+            registry=r,
+        )
+        self.polls_avoided = Counter(
+            f"{p}_polls_avoided",
+            "Polls the schedule without webhooks would have sent the tasks that deliveries "
+            "finished.",
+            registry=r,
+        )
+        self.webhook_late = Counter(
+            f"{p}_webhook_late_deliveries",
+            "Deliveries that came after a poll had already found their task finished.",
+            registry=r,
+        )
+        self.delivery_to_event = Histogram(
+            f"{p}_webhook_delivery_to_event_seconds",
+            "From a delivery received (by any replica) to its task's event acknowledged.",
+            buckets=_PUBLISH_BUCKETS,
+            registry=r,
+        )
         self._zero_known_labels()
 
     def _zero_known_labels(self) -> None:
@@ -335,6 +362,8 @@ class Metrics:
             self.kafka_errors.labels(kind)
         for result in ("committed", "aborted", "fenced"):
             self.transactions.labels(result)
+        for how in ("delivery", "confirm_poll"):
+            self.webhook_finished.labels(how)
         self.commit_metadata_supported.set(1)
         for kind in ("completed", "failed", "timeout", "dead_letter"):
             self.published.labels(kind)

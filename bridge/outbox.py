@@ -166,6 +166,8 @@ class AnyOutbox(Protocol):
     """What the loops need of an outbox: :class:`Outbox` (at least once) or
     ``transactions.TransactionalOutbox`` (exactly once)."""
 
+    listeners: list[Callable[[Effect], None]]
+
     def apply(self, effects: Iterable[Effect]) -> None: ...
 
     async def settled(self, timeout: float) -> None: ...
@@ -186,6 +188,7 @@ class Outbox:
         self.publisher = publisher
         self._core, self._telemetry, self._clock = core, telemetry, clock
         self._unsettled: set[asyncio.Future[None]] = set()
+        self.listeners: list[Callable[[Effect], None]] = []  # facts, after telemetry
 
     def apply(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
@@ -193,6 +196,8 @@ class Outbox:
                 self._send(effect)
             else:
                 self._telemetry.observe((effect,))
+                for listener in self.listeners:
+                    listener(effect)
 
     def _send(self, p: Publish) -> None:
         def on_ack() -> None:

@@ -28,6 +28,7 @@ class Task:
         "created",
         "created_wall",
         "deadline",
+        "delivered_wall",
         "failures",
         "first_seen",
         "headers",
@@ -78,6 +79,7 @@ class Task:
         self.last_pending_poll: float | None = None  # last poll that saw a non-terminal status
         self.last_error: str | None = None
         self.prediction: Prediction | None = None  # the last one the API returned
+        self.delivered_wall: float | None = None  # when a webhook delivery for it arrived
 
     def learn_created(self, created: float, created_wall: float) -> None:
         """Adopt the API's ``created_at``: it can only move the creation time earlier."""

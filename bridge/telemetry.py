@@ -37,6 +37,9 @@ class Telemetry:
             facts.Paused: self._paused,
             facts.Released: self._released,
             facts.Assigned: self._assigned,
+            facts.DeliveryApplied: self._delivery_applied,
+            facts.DeliveryLate: lambda f: self.metrics.webhook_late.inc(),
+            facts.DeliveryExpired: self._delivery_expired,
         }
         self._budget_wait_seen = 0.0
         self._taken_seen = 0  # scheduler.taken at the last gauge sample
@@ -114,6 +117,24 @@ class Telemetry:
             m.inference.labels(model).observe(p.inference_ms / 1000.0)
         if kind != "timeout" and t.last_pending_poll is not None:
             m.detection_delay.labels(model).observe(f.finished.mono - t.last_pending_poll)
+        if t.delivered_wall is not None:
+            m.delivery_to_event.observe(max(0.0, f.at.wall - t.delivered_wall))
+
+    def _delivery_applied(self, f: facts.DeliveryApplied) -> None:
+        m = self.metrics
+        m.webhook_finished.labels("confirm_poll" if f.confirm else "delivery").inc()
+        m.polls_avoided.inc(f.spared)
+        log.info(
+            "webhook delivery applied",
+            task_id=f.task.task_id,
+            webhook_id=f.webhook_id,
+            confirm_by_poll=f.confirm,
+        )
+
+    def _delivery_expired(self, f: facts.DeliveryExpired) -> None:
+        if f.mine:  # counted once, by the replica that received it
+            self.metrics.webhook_deliveries.labels("unknown_task").inc()
+            log.info("webhook delivery for a task no replica took", task_id=f.task_id)
 
     def _paused(self, f: facts.Paused) -> None:
         if f.added_s:

@@ -92,6 +92,7 @@ class TransactionalOutbox:
         self._waiting: dict[Partition, list[Publish]] = {}  # for a partition without a lane
         self._busy: dict[Partition, asyncio.Task[None]] = {}  # a commit under way
         self._missing: frozenset[str] = frozenset()  # topics the brokers do not list
+        self.listeners: list[Callable[[Effect], None]] = []  # facts, after telemetry
 
     # --- effects -------------------------------------------------------------------------
 
@@ -107,6 +108,8 @@ class TransactionalOutbox:
                     lane.wake.set()
             else:
                 self._telemetry.observe((effect,))
+                for listener in self.listeners:
+                    listener(effect)
         self._count_pending()
 
     def _count_pending(self) -> None:

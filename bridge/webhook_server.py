@@ -148,8 +148,10 @@ class WebhookServer:
         publish: Publish,
         metrics: Metrics,
         clock: Clock | None = None,
+        replica: str = "",
     ) -> None:
         self._config = config
+        self._replica = replica  # named in each record: its reader counts what no task took
         self._key = signing_key(secret)  # raises on an empty secret: refuse to start
         self._publish = publish
         self._metrics = metrics
@@ -257,6 +259,7 @@ class WebhookServer:
             ("webhook-id", wid.encode()),
             ("webhook-timestamp", raw.encode()),
             ("received-at", rfc3339(self._clock.time()).encode()),
+            ("received-by", self._replica.encode()),
         ]
         try:
             async with asyncio.timeout(self._config.publish_timeout_s):

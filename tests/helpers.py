@@ -121,9 +121,13 @@ async def create_topics(broker: Broker, names: Names, partitions: int = 1) -> No
 
 @contextlib.asynccontextmanager
 async def running_bridge(
-    config: Config, *, api_key: str | None = API_KEY, wait_ready: bool = True
+    config: Config,
+    *,
+    api_key: str | None = API_KEY,
+    wait_ready: bool = True,
+    webhook_secret: str | None = None,
 ) -> AsyncIterator[Bridge]:
-    bridge = Bridge(config, api_key=api_key)
+    bridge = Bridge(config, api_key=api_key, webhook_secret=webhook_secret)
     stop = asyncio.Event()
     task = asyncio.create_task(bridge.run(stop))
     try:

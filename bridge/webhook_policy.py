@@ -1,0 +1,147 @@
+"""Polling as the safety net for webhooks. Pure; times are passed in.
+
+With webhooks on, a task's terminal status usually arrives as a signed delivery, and a poll
+is worth sending only once its delivery is overdue. :class:`WebhookAware` wraps the poll
+policy and learns per model, from the tasks that finish:
+
+- how often deliveries arrive: the share of the last ``window`` finished tasks whose
+  delivery came (a delivery that comes after a poll found the task counts too);
+- how late: the ages (from the task's creation) at which deliveries arrived.
+
+While deliveries arrive for at least half of a model's tasks, the first poll of its tasks
+is deferred to the 99th percentile of those ages (plus a margin): a lost delivery is found
+then, and later polls follow the wrapped policy. When deliveries stop (a misconfigured
+endpoint, an outage), the share falls, and the model's tasks are polled on the wrapped
+policy's own schedule again, by themselves. A model with no history is polled as without
+webhooks until deliveries show up.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+
+from bridge.policy import PollPolicy, clamp_to_deadline
+from bridge.tasks import Task
+
+WINDOW = 50  # finished tasks remembered per model
+MIN_DELIVERED = 5  # deliveries seen before the policy trusts a model's webhooks
+TRUST_SHARE = 0.5  # deliveries per finished task needed to defer polls
+MARGIN = 1.2  # ages are stretched by this much, plus
+MARGIN_S = 0.25  # this
+RECENT = 10_000  # finished tasks remembered for a delivery that comes late
+
+
+@dataclass(slots=True)
+class _Model:
+    delivered: collections.deque[bool] = field(
+        default_factory=lambda: collections.deque(maxlen=WINDOW)
+    )
+    ages: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    overdue: float | None = None  # cached p99 age x margin, None: recompute
+
+    def share(self) -> float:
+        return sum(self.delivered) / len(self.delivered) if self.delivered else 0.0
+
+    def overdue_age(self) -> float:
+        if self.overdue is None:
+            ages = sorted(self.ages)
+            p99 = ages[min(len(ages) - 1, math.ceil(0.99 * len(ages)) - 1)]
+            self.overdue = p99 * MARGIN + MARGIN_S
+        return self.overdue
+
+
+class WebhookAware:
+    """A :class:`~bridge.policy.PollPolicy` that defers polls while webhooks arrive."""
+
+    def __init__(self, base: PollPolicy) -> None:
+        self.base = base
+        self._models: dict[str, _Model] = {}
+        # task id -> (its model, its creation in wall time) of recently finished tasks, for
+        # a delivery that comes late; bounded, oldest forgotten.
+        self._recent: collections.OrderedDict[str, tuple[_Model, float]] = collections.OrderedDict()
+
+    # --- PollPolicy ----------------------------------------------------------------------
+
+    def first_poll(self, task: Task, now: float) -> float:
+        at = self.base.first_poll(task, now)
+        model = self._trusted(task.model)
+        if model is None:
+            return at
+        return clamp_to_deadline(task, max(at, task.created + model.overdue_age()), now)
+
+    def next_poll(self, task: Task, now: float) -> float:
+        return self.base.next_poll(task, now)
+
+    def priority(self, task: Task, due: float) -> float:
+        return self.base.priority(task, due)
+
+    def observe(self, task: Task, terminal_poll: float) -> None:
+        self.base.observe(task, terminal_poll)
+
+    def model_stats(self) -> dict[str, tuple[float, float]]:
+        stats = getattr(self.base, "model_stats", None)
+        return stats() if stats is not None else {}
+
+    # --- what webhooks teach ---------------------------------------------------------------
+
+    def finished(self, task: Task, delivered_wall: float | None) -> None:
+        """``task`` finished, by a delivery received at ``delivered_wall`` (unix seconds)
+        or by a poll (None)."""
+        if not task.model:
+            return
+        model = self._models.setdefault(task.model, _Model())
+        model.delivered.append(delivered_wall is not None)
+        if delivered_wall is not None:
+            self._age(model, delivered_wall - task.created_wall)
+            return
+        self._recent[task.task_id] = (model, task.created_wall)
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+
+    def late(self, task_id: str, delivered_wall: float) -> bool:
+        """A delivery for a task a poll already finished: it did arrive, only late."""
+        known = self._recent.pop(task_id, None)
+        if known is None:
+            return False
+        model, created_wall = known
+        age = delivered_wall - created_wall
+        # The newest "not delivered" in its window becomes "delivered".
+        for i in range(len(model.delivered) - 1, -1, -1):
+            if not model.delivered[i]:
+                model.delivered[i] = True
+                break
+        self._age(model, age)
+        return True
+
+    def polls_without(self, task: Task, until: float) -> int:
+        """How many polls the wrapped policy would have sent ``task`` by ``until``: what a
+        delivery that finished it spared."""
+        n, at = 0, self.base.first_poll(task, task.first_seen)
+        while at <= until and n < 1000:
+            n += 1
+            following = self.base.next_poll(task, at)
+            if following <= at:  # the deadline: no poll after it
+                break
+            at = following
+        return n
+
+    def trusted(self, model: str | None) -> bool:
+        return self._trusted(model) is not None
+
+    def share(self, model: str) -> float:
+        m = self._models.get(model)
+        return m.share() if m is not None else 0.0
+
+    def _trusted(self, model: str | None) -> _Model | None:
+        m = self._models.get(model) if model else None
+        if m is None or len(m.ages) < MIN_DELIVERED or m.share() < TRUST_SHARE:
+            return None
+        return m
+
+    @staticmethod
+    def _age(model: _Model, age: float) -> None:
+        if age > 0 and math.isfinite(age):
+            model.ages.append(age)
+            model.overdue = None
