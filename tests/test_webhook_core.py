@@ -1,0 +1,153 @@
+"""Webhook deliveries in the pure core and the policy that polls only overdue tasks,
+driven with a ManualClock."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from bridge import facts
+from bridge.clock import ManualClock
+from bridge.config import build_config
+from bridge.core import Core
+from bridge.facts import Effect, Publish
+from bridge.messages import Record
+from bridge.outcomes import Kind, Outcome, Prediction
+from bridge.policy import FixedInterval
+from bridge.tasks import Task
+from bridge.webhook_policy import MIN_DELIVERED, WINDOW, WebhookAware
+
+T = "in"
+
+
+def make(clock: ManualClock, **hooks: Any) -> tuple[Core, WebhookAware]:
+    config = build_config(
+        {
+            "kafka": {"input_topic": T},
+            "polling": {"interval_s": 1.0, "jitter": 0.0, "default_timeout_s": 600},
+            "webhooks": {"enabled": True, **hooks},
+        },
+        env={},
+    )
+    policy = WebhookAware(FixedInterval(1.0, jitter=0.0))
+    return Core(config, policy=policy, rng=random.Random(1), now=clock.monotonic()), policy
+
+
+def rec(offset: int, task_id: str, model: str = "m") -> Record:
+    value = json.dumps({"id": task_id, "model": model}).encode()
+    return Record(T, 0, offset, None, value, (), None)
+
+
+def done(model: str = "m") -> Outcome:
+    return Outcome(Kind.COMPLETED, None, Prediction(status="completed", model=model, outputs=["u"]))
+
+
+def deliver(core: Core, clock: ManualClock, task_id: str, **kw: Any) -> list[Effect]:
+    return core.on_delivery(
+        task_id,
+        kw.pop("outcome", done()),
+        webhook_id=f"msg-{task_id}",
+        received=clock.time(),
+        mine=kw.pop("mine", True),
+        at=clock.read(),
+    )
+
+
+def kinds(effects: list[Effect]) -> list[str]:
+    return [type(e).__name__ for e in effects]
+
+
+def test_a_delivery_finishes_the_tracked_task_without_a_poll() -> None:
+    clock = ManualClock()
+    core, _ = make(clock)
+    core.on_record(rec(0, "pred_a"), clock.read())
+    clock.advance(3.5)  # three polls would have gone out by now
+    out = deliver(core, clock, "pred_a")
+    assert kinds(out) == ["DeliveryApplied", "Finished", "Publish"]
+    applied = out[0]
+    assert isinstance(applied, facts.DeliveryApplied) and applied.spared == 3
+    (p,) = [e for e in out if isinstance(e, Publish)]
+    event = json.loads(p.record.value or b"")
+    assert event["type"].endswith(".completed") and event["data"]["polls"] == 0
+    assert core.take_due(clock.monotonic() + 100, 10) == []  # nothing left to poll
+
+
+def test_confirm_by_poll_sends_one_poll_at_once_instead() -> None:
+    clock = ManualClock()
+    core, _ = make(clock, confirm_by_poll=True)
+    core.on_record(rec(0, "pred_a"), clock.read())
+    clock.advance(0.3)
+    out = deliver(core, clock, "pred_a")
+    assert kinds(out) == ["DeliveryApplied"]
+    ((task, due),) = core.take_due(clock.monotonic(), 10)
+    assert task.task_id == "pred_a" and due == clock.monotonic()
+
+
+def test_a_delivery_that_is_not_an_outcome_changes_nothing() -> None:
+    clock = ManualClock()
+    core, _ = make(clock)
+    core.on_record(rec(0, "pred_a"), clock.read())
+    running = Outcome(Kind.PENDING, None, Prediction(status="processing"))
+    assert deliver(core, clock, "pred_a", outcome=running) == []
+    assert "pred_a" in core.polling()
+
+
+def test_a_delivery_before_its_task_is_remembered_then_applied() -> None:
+    clock = ManualClock()
+    core, _ = make(clock)
+    assert deliver(core, clock, "pred_a") == []  # remembered
+    clock.advance(2.0)
+    out = core.on_record(rec(0, "pred_a"), clock.read())
+    assert kinds(out) == ["Consumed", "DeliveryApplied", "Finished", "Publish"]
+
+
+def test_remembered_deliveries_expire_and_are_bounded() -> None:
+    clock = ManualClock()
+    core, _ = make(clock, pending_ttl_s=60, pending_max=2)
+    deliver(core, clock, "pred_a", mine=True)
+    deliver(core, clock, "pred_b", mine=False)
+    (evicted,) = deliver(core, clock, "pred_c", mine=True)  # over the bound: the oldest goes
+    assert isinstance(evicted, facts.DeliveryExpired) and evicted.task_id == "pred_a"
+    core.delivery_applied("pred_c")  # another replica acted on it
+    assert core.expire_deliveries(clock.monotonic() + 59) == []
+    (expired,) = core.expire_deliveries(clock.monotonic() + 61)
+    assert isinstance(expired, facts.DeliveryExpired)
+    assert (expired.task_id, expired.mine) == ("pred_b", False)
+
+
+def _task(i: int, model: str = "m", created: float = 0.0) -> Task:
+    return Task(
+        task_id=f"t{i}",
+        model=model,
+        created=created,
+        created_wall=1000.0 + created,
+        first_seen=created,
+        timeout_s=600,
+    )
+
+
+def test_polls_wait_for_overdue_deliveries_once_they_arrive_and_resume_when_they_stop() -> None:
+    policy = WebhookAware(FixedInterval(1.0, jitter=0.0))
+    fresh = _task(0)
+    assert policy.first_poll(fresh, 0.0) == 1.0  # no history: the wrapped schedule
+    for i in range(MIN_DELIVERED):  # deliveries at 3 s of age
+        policy.finished(_task(i), 1000.0 + 3.0)
+    assert policy.trusted("m")
+    assert policy.first_poll(fresh, 0.0) == 3.0 * 1.2 + 0.25  # when its delivery is overdue
+    assert policy.first_poll(_task(99, model="other"), 0.0) == 1.0  # per model
+    for i in range(WINDOW):  # deliveries stop: polls find the tasks
+        policy.finished(_task(100 + i), None)
+    assert not policy.trusted("m") and policy.first_poll(fresh, 0.0) == 1.0
+
+
+def test_a_late_delivery_still_counts_as_delivered() -> None:
+    policy = WebhookAware(FixedInterval(1.0, jitter=0.0))
+    for i in range(MIN_DELIVERED):
+        policy.finished(_task(i), 1003.0)
+    for i in range(10, 10 + MIN_DELIVERED + 1):
+        policy.finished(_task(i), None)  # found by polls first
+    assert not policy.trusted("m")  # 5 of 11
+    assert policy.late("t10", 1004.0)  # its delivery arrives after all
+    assert policy.trusted("m")  # 6 of 11
+    assert not policy.late("t10", 1004.0) and not policy.late("unknown", 1004.0)
