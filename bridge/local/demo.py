@@ -28,6 +28,7 @@ from bridge.local.broker import Broker, free_port
 from bridge.local.feeder import produce_tasks, submit, tail
 from bridge.local.simulator import ModelProfile, Simulator
 from bridge.local.tansu import start_tansu
+from bridge.webhook_signature import secret_forms
 
 DEMO_KEY = "local-demo-key"  # the simulator's key; never a real one
 MODELS = (
@@ -84,12 +85,14 @@ async def run_demo(
         await sim.start()
         base = load_config(config_path, env={})
         port = base.server.port if _port_free(base.server.port) else free_port()
+        hooks = base.webhooks.port if _port_free(base.webhooks.port) else free_port()
         config = load_config(
             config_path,
             env={
                 "BRIDGE_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
                 "BRIDGE_API__BASE_URL": sim.base_url,
                 "BRIDGE_SERVER__PORT": str(port),
+                "BRIDGE_WEBHOOKS__PORT": str(hooks),
                 # Tansu lacks the idempotent producer; Kafka has it.
                 "BRIDGE_KAFKA__ENABLE_IDEMPOTENCE": str(broker.features.idempotence).lower(),
             },
@@ -97,12 +100,24 @@ async def run_demo(
         k = config.kafka
         await broker.create_topics([k.input_topic], partitions=3)
         await broker.create_topics([k.completed_topic, k.failed_topic, k.dead_letter_topic])
+        if config.webhooks.enabled:
+            await broker.create_topics([config.webhooks.topic], partitions=3)
         log_file = (workdir / "bridge.log").open("w")
-        logs.configure(fmt="json", level=config.logging.level, secrets=(DEMO_KEY,), stream=log_file)
+        logs.configure(
+            fmt="json",
+            level=config.logging.level,
+            secrets=(DEMO_KEY, *secret_forms(sim.webhook_secret)),
+            stream=log_file,
+        )
         _say(f"broker     {about}")
         _say(f"simulator  WaveSpeed API on {sim.base_url}")
         _say(f"bridge     consuming {k.input_topic!r}; logs in {workdir}/bridge.log")
         _say(f"metrics    http://127.0.0.1:{port}/metrics   (health: /healthz, readiness: /readyz)")
+        if config.webhooks.enabled:
+            _say(
+                f"webhooks   http://127.0.0.1:{hooks}{config.webhooks.path}  (tasks are"
+                " submitted with it; the simulator posts signed deliveries there)"
+            )
         _say()
         return await _drive(config, broker, sim, tasks, keep_running, t0, port)
     finally:
@@ -120,7 +135,10 @@ async def _drive(
     port: int,
 ) -> int:
     k = config.kafka
-    bridge = Bridge(config, api_key=DEMO_KEY)
+    bridge = Bridge(config, api_key=DEMO_KEY, webhook_secret=sim.webhook_secret)
+    hook = None
+    if config.webhooks.enabled:
+        hook = f"http://127.0.0.1:{config.webhooks.port}{config.webhooks.path}"
     stop = asyncio.Event()
     bridge_task = asyncio.create_task(bridge.run(stop))
     seen: dict[str, int] = {}
@@ -159,7 +177,7 @@ async def _drive(
             items: list[dict[str, Any] | bytes] = []
             for i in range(n):
                 model = rng.choice(MODELS)
-                data = await submit(api, model)
+                data = await submit(api, model, webhook=hook)
                 submitted[data["id"]] = time.monotonic()
                 items.append(
                     {
@@ -172,7 +190,7 @@ async def _drive(
                     await produce_tasks(producer, k.input_topic, items)
                     items = []
                     await asyncio.sleep(0.3)
-            slow = await submit(api, MODELS[0], {"duration_s": 3600})
+            slow = await submit(api, MODELS[0], {"duration_s": 3600}, webhook=hook)
             submitted[slow["id"]] = time.monotonic()
             items += [
                 {
@@ -246,6 +264,8 @@ async def _show_metrics(port: int) -> None:
         "wavespeed_bridge_dead_letters_total",
         "wavespeed_bridge_api_responses_total",
         "wavespeed_bridge_model_completion_seconds",
+        "wavespeed_bridge_webhook_finished_tasks_total",
+        "wavespeed_bridge_polls_avoided_total",
     )
     # Series exported at zero from the start are left out: they say nothing here.
     lines = [ln for ln in text.splitlines() if ln.startswith(wanted) and not ln.endswith(" 0.0")]

@@ -12,13 +12,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 
 async def submit(
-    client: httpx.AsyncClient, model: str, sim: dict[str, Any] | None = None
+    client: httpx.AsyncClient,
+    model: str,
+    sim: dict[str, Any] | None = None,
+    webhook: str | None = None,
 ) -> dict[str, Any]:
-    """POST /api/v3/{model} as a platform would; returns the envelope's ``data``."""
+    """POST /api/v3/{model} as a platform would (``?webhook=`` for signed deliveries);
+    returns the envelope's ``data``."""
     body: dict[str, Any] = {"prompt": "a lighthouse at dusk"}
     if sim:
         body["_sim"] = sim
-    response = await client.post(f"/api/v3/{model}", json=body)
+    params = {"webhook": webhook} if webhook else None
+    response = await client.post(f"/api/v3/{model}", json=body, params=params)
     response.raise_for_status()
     data: dict[str, Any] = response.json()["data"]
     return data
