@@ -77,6 +77,7 @@ REQUIRED_ALERTS = {
     "WavespeedBridgeRateLimited",
     "WavespeedBridgeConsumerLagGrowing",
     "WavespeedBridgeNotReady",
+    "WavespeedBridgeWebhooksStopped",
 }
 REQUIRED_PANELS = {
     "Throughput by outcome",
