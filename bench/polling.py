@@ -431,6 +431,7 @@ class Result:
     requests: int = 0
     delays: list[float] = field(default_factory=list)
     rate_limited: int = 0
+    warm_polls: int = 0  # polls of the tasks after the first tenth (past any cold start)
     missed: int = 0  # resolved later than deadline + MISS_GRACE_S
     expired: int = 0  # timed out although done at the API by the deadline: polled too late
     missed_unspent: int = 0  # missed or expired while the budget had room
@@ -623,6 +624,8 @@ def simulate(w: Workload, strategy: str) -> Result:
                     continue
                 limit.take(1, now)
             res.polls += 1
+            if int(task.task_id) >= n // 10:
+                res.warm_polls += 1
             sim = truth[int(task.task_id)]
             if now >= sim.created + sim.duration:
                 done = Prediction(status="completed", inference_ms=int(sim.inference * 1000))
@@ -904,19 +907,26 @@ def webhook_report(by: dict[tuple[str, str], Result]) -> list[str]:
         "overdue; `-confirm` is `webhooks.confirm_by_poll` (one poll on each delivery). "
         "Beside it: polling alone (`adaptive-ws`) and the oracle.",
         "",
-        "| workload | strategy | polls/task | mean delay s | p50 s | p99 s | cost |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | strategy | polls/task | after the first 10% | mean delay s | p50 s | p99 s "
+        "| cost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for w in rows:
         for s in ("adaptive-ws", "oracle", *WEBHOOK_STRATEGIES):
             r = by.get((w, s))
             if r is None:
                 continue
+            warm = r.warm_polls / max(1, r.tasks - r.tasks // 10)
             lines.append(
-                f"| {w} | {s} | {fmt(r.polls_per_task)} | {fmt(r.mean_delay)} | "
+                f"| {w} | {s} | {fmt(r.polls_per_task)} | {fmt(warm)} | {fmt(r.mean_delay)} | "
                 f"{fmt(r._pct(0.5))} | {fmt(r.p99)} | {fmt(r.cost)} |"
             )
     lines += [
+        "",
+        "A model's first tasks are polled as without webhooks until five deliveries have "
+        "come (from any model, once the wrapped policy knows the model's completion times): "
+        "on the video workload, 2,000 tasks of ~2 minutes arriving every 2 s, that cold "
+        "start is most of the polls; the column after the first 10% shows the steady state.",
         "",
         "The p99 target at 1% loss falls among the 1% whose delivery is lost: finding those "
         "within 0.1 s of a delivery's delay would take a poll of every task near its "

@@ -602,6 +602,11 @@ class AdaptivePolicy:
                 out[name] = (median, p90)
         return out
 
+    def completion_quantile(self, model: str | None, q: float) -> float:
+        """The ``q`` quantile of a model's completion age as learned so far (or its class's
+        prior): how long its tasks take."""
+        return self._state(model).quantiles(q)[0]
+
     def observations(self, model: str) -> int:
         state = self._models.get(model)
         return state.seen if state is not None else 0

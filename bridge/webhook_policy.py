@@ -10,10 +10,10 @@ policy and learns per model, from the tasks that finish:
 
 While deliveries arrive for at least half of a model's tasks, the first poll of its tasks
 is deferred to the 99th percentile of those ages (plus a margin): a lost delivery is found
-then, and later polls follow the wrapped policy. When deliveries stop (a misconfigured
-endpoint, an outage), the share falls, and the model's tasks are polled on the wrapped
-policy's own schedule again, by themselves. A model with no history is polled as without
-webhooks until deliveries show up.
+then; a task still running at that poll is polled again when twice as old, and so on.
+When deliveries stop (a misconfigured endpoint, an outage), the share falls, and the
+model's tasks are polled on the wrapped policy's own schedule again, by themselves. A
+model with no history is polled as without webhooks until deliveries show up.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from bridge.policy import PollPolicy, clamp_to_deadline
 from bridge.tasks import Task
 
-WINDOW = 50  # finished tasks remembered per model
+WINDOW = 50  # finished tasks remembered per model, for the share delivered
+AGES = 200  # delivery ages remembered per model, for their 99th percentile
 MIN_DELIVERED = 5  # deliveries seen before the policy trusts a model's webhooks
 TRUST_SHARE = 0.5  # deliveries per finished task needed to defer polls
 MARGIN = 1.2  # ages are stretched by this much, plus
@@ -38,13 +39,15 @@ class _Model:
     delivered: collections.deque[bool] = field(
         default_factory=lambda: collections.deque(maxlen=WINDOW)
     )
-    ages: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    ages: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=AGES))
     overdue: float | None = None  # cached p99 age x margin, None: recompute
 
     def share(self) -> float:
         return sum(self.delivered) / len(self.delivered) if self.delivered else 0.0
 
     def overdue_age(self) -> float:
+        if not self.ages:
+            return 0.0
         if self.overdue is None:
             ages = sorted(self.ages)
             p99 = ages[min(len(ages) - 1, math.ceil(0.99 * len(ages)) - 1)]
@@ -58,6 +61,9 @@ class WebhookAware:
     def __init__(self, base: PollPolicy) -> None:
         self.base = base
         self._models: dict[str, _Model] = {}
+        # Every model together: whether deliveries arrive at all is the account's endpoint,
+        # so a model without history of its own goes by it (lateness by the wrapped policy).
+        self._all = _Model()
         # task id -> (its model, its creation in wall time) of recently finished tasks, for
         # a delivery that comes late; bounded, oldest forgotten.
         self._recent: collections.OrderedDict[str, tuple[_Model, float]] = collections.OrderedDict()
@@ -69,10 +75,17 @@ class WebhookAware:
         model = self._trusted(task.model)
         if model is None:
             return at
-        return clamp_to_deadline(task, max(at, task.created + model.overdue_age()), now)
+        return clamp_to_deadline(task, max(at, task.created + self._overdue(task, model)), now)
 
     def next_poll(self, task: Task, now: float) -> float:
-        return self.base.next_poll(task, now)
+        """Trusted: still running at a poll, its delivery is not overdue either; the next
+        poll waits until the task is twice as old (few polls, however long the tail)."""
+        at = self.base.next_poll(task, now)
+        model = self._trusted(task.model)
+        if model is None:
+            return at
+        age = max(self._overdue(task, model), 2.0 * (now - task.created))
+        return clamp_to_deadline(task, max(at, task.created + age), now)
 
     def priority(self, task: Task, due: float) -> float:
         return self.base.priority(task, due)
@@ -92,7 +105,8 @@ class WebhookAware:
         if not task.model:
             return
         model = self._models.setdefault(task.model, _Model())
-        model.delivered.append(delivered_wall is not None)
+        for m in (model, self._all):
+            m.delivered.append(delivered_wall is not None)
         if delivered_wall is not None:
             self._age(model, delivered_wall - task.created_wall)
             return
@@ -106,13 +120,12 @@ class WebhookAware:
         if known is None:
             return False
         model, created_wall = known
-        age = delivered_wall - created_wall
-        # The newest "not delivered" in its window becomes "delivered".
-        for i in range(len(model.delivered) - 1, -1, -1):
-            if not model.delivered[i]:
-                model.delivered[i] = True
-                break
-        self._age(model, age)
+        for m in (model, self._all):  # the newest "not delivered" becomes "delivered"
+            for i in range(len(m.delivered) - 1, -1, -1):
+                if not m.delivered[i]:
+                    m.delivered[i] = True
+                    break
+        self._age(model, delivered_wall - created_wall)
         return True
 
     def polls_without(self, task: Task, until: float) -> int:
@@ -135,10 +148,29 @@ class WebhookAware:
         return m.share() if m is not None else 0.0
 
     def _trusted(self, model: str | None) -> _Model | None:
+        """The model's history if deliveries are trusted for it, else None."""
         m = self._models.get(model) if model else None
-        if m is None or len(m.ages) < MIN_DELIVERED or m.share() < TRUST_SHARE:
+        if m is not None and len(m.ages) >= MIN_DELIVERED:
+            return m if m.share() >= TRUST_SHARE else None
+        if not self._learned_completion():
+            return None  # lateness would be a guess: poll as without webhooks
+        seen = sum(1 for d in self._all.delivered if d)
+        if seen < MIN_DELIVERED or self._all.share() < TRUST_SHARE:
             return None
-        return m
+        return m if m is not None else _Model()  # overdue from the wrapped policy alone
+
+    def _learned_completion(self) -> bool:
+        return getattr(self.base, "completion_quantile", None) is not None
+
+    def _overdue(self, task: Task, model: _Model) -> float:
+        """When the task's delivery is overdue: the 99th percentile of delivery ages, and no
+        earlier than the wrapped policy's own 99th percentile of completion (the first
+        deliveries come from the fastest tasks)."""
+        overdue = model.overdue_age()
+        learned = getattr(self.base, "completion_quantile", None)
+        if learned is not None:
+            overdue = max(overdue, learned(task.model, 0.99) * MARGIN + MARGIN_S)
+        return overdue
 
     @staticmethod
     def _age(model: _Model, age: float) -> None:

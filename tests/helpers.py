@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -143,6 +144,31 @@ async def running_bridge(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def feed_slowly(bootstrap: str, topic: str, ids: list[str], seconds: float) -> None:
+    """The ids in 20 chunks over ``seconds``, so tasks keep arriving while replicas change."""
+    chunk = max(1, len(ids) // 20)
+    for i in range(0, len(ids), chunk):
+        await produce(bootstrap, topic, ids[i : i + chunk])
+        await asyncio.sleep(seconds / 20)
+
+
+def has_partitions(bridge: Bridge) -> bool:
+    return bool(bridge.metrics.assigned_partitions._value.get() > 0)
+
+
+async def join_then_leave(configs: Sequence[Config], stay_s: float = 1.5) -> list[Bridge]:
+    """Start a bridge per config one by one (each waits for its partitions and stays
+    ``stay_s``), then stop them, the last first: scale out, then in."""
+    joined: list[Bridge] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for config in configs:
+            bridge = await stack.enter_async_context(running_bridge(config))
+            joined.append(bridge)
+            await wait_until(functools.partial(has_partitions, bridge), timeout=30)
+            await asyncio.sleep(stay_s)
+    return joined
 
 
 async def produce(

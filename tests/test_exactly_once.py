@@ -25,7 +25,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bridge import kafka as kafka_io
 from bridge import offset_map
-from bridge.app import Bridge
 from bridge.local.apache_kafka import KafkaCluster
 from bridge.local.broker import Broker, free_port
 from bridge.local.simulator import Simulator
@@ -35,6 +34,8 @@ from tests.helpers import (
     Tail,
     config_data,
     create_topics,
+    feed_slowly,
+    join_then_leave,
     make_config,
     metric_value,
     produce,
@@ -170,10 +171,6 @@ def _assigned_again(log: Path, before: int) -> bool:
     return _assigned(log) > before
 
 
-def _has_partitions(bridge: Bridge) -> bool:
-    return bool(bridge.metrics.assigned_partitions._value.get() > 0)
-
-
 def _transactions(text: str, result: str) -> float:
     return metric_value(text, "wavespeed_bridge_transactions_total", result=result)
 
@@ -221,13 +218,9 @@ async def test_three_replicas_join_and_leave_over_six_partitions(
     configs = [make_config(broker, sim.base_url, names, **data) for _ in range(3)]
     configs = [dataclasses.replace(c, delivery=cast(Delivery, delivery)) for c in configs]
     async with running_bridge(configs[0]):
-        feeding = asyncio.create_task(_feed(broker, names.input, ids, seconds=8.0))
+        feeding = asyncio.create_task(feed_slowly(broker.bootstrap, names.input, ids, 8.0))
         await asyncio.sleep(1.0)
-        async with contextlib.AsyncExitStack() as stack:  # scale out, then in
-            for config in configs[1:]:
-                joined = await stack.enter_async_context(running_bridge(config))
-                await wait_until(functools.partial(_has_partitions, joined), timeout=30)
-                await asyncio.sleep(1.5)
+        await join_then_leave(configs[1:])  # scale out, then in
         await feeding
         got = await read_all(
             broker.bootstrap,
@@ -242,13 +235,6 @@ async def test_three_replicas_join_and_leave_over_six_partitions(
     assert set(counts) == set(ids)
     if delivery == "exactly_once":
         assert duplicates == 0
-
-
-async def _feed(broker: Broker, topic: str, ids: list[str], seconds: float) -> None:
-    chunk = max(1, len(ids) // 20)
-    for i in range(0, len(ids), chunk):
-        await produce(broker.bootstrap, topic, ids[i : i + chunk])
-        await asyncio.sleep(seconds / 20)
 
 
 async def test_exactly_once_through_a_lost_partition_leader(

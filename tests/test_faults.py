@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -12,7 +10,6 @@ from collections.abc import Sequence
 import httpx
 import pytest
 
-from bridge.app import Bridge
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
 from tests.helpers import (
@@ -23,6 +20,8 @@ from tests.helpers import (
     StartBroker,
     committed,
     create_topics,
+    feed_slowly,
+    join_then_leave,
     make_config,
     metric_value,
     produce,
@@ -58,16 +57,10 @@ async def test_rebalance_replicas_join_and_leave_while_tasks_flow(
         make_config(broker, sim.base_url, names, polling={"interval_s": 0.5})
         for _ in range(replicas)
     ]
-    others: list[Bridge] = []
     async with running_bridge(configs[0]) as a:
-        feeding = asyncio.create_task(_feed_slowly(broker, names.input, ids, seconds=6.0))
+        feeding = asyncio.create_task(feed_slowly(broker.bootstrap, names.input, ids, seconds=6.0))
         await asyncio.sleep(1.0)
-        async with contextlib.AsyncExitStack() as stack:
-            for config in configs[1:]:  # join one by one: partitions move to each
-                joined = await stack.enter_async_context(running_bridge(config))
-                others.append(joined)
-                await wait_until(functools.partial(_has_partitions, joined), timeout=30)
-                await asyncio.sleep(1.5)
+        others = await join_then_leave(configs[1:])  # partitions move to each, then back
         # they left, last first: their partitions come back to a
         await feeding
         got = await read_all(
@@ -95,17 +88,6 @@ async def test_rebalance_replicas_join_and_leave_while_tasks_flow(
         broker.bootstrap, names.group, names.input, partitions, total=tasks
     )
     assert sum(positions) == tasks
-
-
-def _has_partitions(bridge: Bridge) -> bool:
-    return bool(bridge.metrics.assigned_partitions._value.get() > 0)
-
-
-async def _feed_slowly(broker: Broker, topic: str, ids: list[str], seconds: float) -> None:
-    chunk = max(1, len(ids) // 20)
-    for i in range(0, len(ids), chunk):
-        await produce(broker.bootstrap, topic, ids[i : i + chunk])
-        await asyncio.sleep(seconds / 20)
 
 
 async def test_long_tasks_do_not_get_the_member_ejected(
