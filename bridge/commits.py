@@ -48,7 +48,7 @@ class Committer:
             await self._transactions.commit(only=only, timeout=timeout)
             return
         core = self._core
-        plan = core.commit_plan(only)
+        plan = core.commits.plan(only)
         if not plan:
             return
         request = {
@@ -58,11 +58,11 @@ class Committer:
         try:
             await asyncio.wait_for(self._consumer.commit(request), timeout)
         except OffsetMetadataTooLargeError:
-            core.shrink_map_limit()
+            core.commits.shrink_limit()
             log.error(
                 "the broker refused the offset map as too large: lower"
                 " kafka.offset_metadata_max_bytes to its offset.metadata.max.bytes",
-                now_using=core.map_limit,
+                now_using=core.commits.limit,
             )
             return
         except (KafkaError, TimeoutError) as exc:
@@ -91,8 +91,7 @@ class Committer:
         stored = back.get(TopicPartition(*part), (None, ""))[1]
         if stored == plan[part][1]:
             return
-        self._core.metadata_supported = False
-        self._core.map_bytes.clear()
+        self._core.commits.unsupported()
         self._telemetry.metrics.commit_metadata_supported.set(0)
         log.warning(
             "the broker drops commit metadata: offset maps are off, records finished out of"

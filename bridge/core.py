@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from bridge import events as ev
 from bridge import facts, offset_map
 from bridge.clock import Instant
+from bridge.commit_plan import CommitPlanner
 from bridge.config import Config
+from bridge.deliveries import DeliveryMemory
 from bridge.facts import Effect, Publish
 from bridge.messages import Record, Rejected, parse_task
 from bridge.offsets import OffsetTracker
@@ -47,17 +49,6 @@ class _EventOut:
     task: Task
     kind: ev.EventType
     finished: Instant
-
-
-@dataclass(slots=True)
-class _Remembered:
-    """A delivery for a task id not tracked here (yet)."""
-
-    outcome: Outcome
-    webhook_id: str
-    received: float
-    mine: bool  # received by this replica's receiver
-    expires: float
 
 
 @dataclass(slots=True)
@@ -90,11 +81,12 @@ class Core:
         k = config.kafka
         # Exactly-once: a task answers records of one partition (one transaction each).
         self._join_across = config.delivery == "at_least_once"
-        self._map_limit = k.offset_metadata_max_bytes
-        self.metadata_supported = True  # until a broker is seen dropping commit metadata
-        self.map_bytes: dict[Partition, int] = {}  # offset map size per partition
+        self.commits: CommitPlanner[Partition] = CommitPlanner(
+            self.offsets, k.offset_metadata_max_bytes
+        )
         self._webhooks = policy if isinstance(policy, WebhookAware) else None
-        self._deliveries: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
+        w = config.webhooks
+        self.deliveries = DeliveryMemory(w.pending_max, w.pending_ttl_s)
         self._topics: dict[ev.EventType, str] = {
             "completed": k.completed_topic,
             "failed": k.failed_topic,
@@ -365,32 +357,20 @@ class Core:
             return self._apply_delivery(task, outcome, webhook_id, received, at)
         if self._webhooks is not None and self._webhooks.late(task_id, received):
             return [facts.DeliveryLate(task_id, webhook_id)]
-        self._deliveries.pop(task_id, None)
-        ttl = self.config.webhooks.pending_ttl_s
-        self._deliveries[task_id] = _Remembered(outcome, webhook_id, received, mine, at.mono + ttl)
-        out: list[Effect] = []
-        while len(self._deliveries) > self.config.webhooks.pending_max:
-            old_id, old = self._deliveries.popitem(last=False)
-            out.append(facts.DeliveryExpired(old_id, old.webhook_id, old.mine))
-        return out
+        pushed = self.deliveries.remember(task_id, outcome, webhook_id, received, mine, at.mono)
+        return [facts.DeliveryExpired(t, r.webhook_id, r.mine) for t, r in pushed]
 
     def delivery_applied(self, task_id: str) -> None:
         """Another replica acted on a delivery for ``task_id``: forget it here."""
-        self._deliveries.pop(task_id, None)
+        self.deliveries.take(task_id)
 
     def expire_deliveries(self, now: float) -> list[Effect]:
         """Deliveries remembered longer than ``webhooks.pending_ttl_s``: no task came."""
-        out: list[Effect] = []
-        while self._deliveries:
-            task_id, first = next(iter(self._deliveries.items()))
-            if first.expires > now:
-                break
-            del self._deliveries[task_id]
-            out.append(facts.DeliveryExpired(task_id, first.webhook_id, first.mine))
-        return out
+        expired = self.deliveries.expire(now)
+        return [facts.DeliveryExpired(t, r.webhook_id, r.mine) for t, r in expired]
 
     def _pending_delivery(self, task: Task, at: Instant) -> list[Effect]:
-        known = self._deliveries.pop(task.task_id, None) if self._deliveries else None
+        known = self.deliveries.take(task.task_id)
         if known is None:
             return []
         return self._apply_delivery(task, known.outcome, known.webhook_id, known.received, at)
@@ -450,11 +430,7 @@ class Core:
         not acknowledged yet."""
         ahead = 0
         for part in partitions:
-            above = self.offsets.finished_above(part)
-            committed = self.offsets.committed(part)
-            if self.metadata_supported and committed is not None:
-                above -= offset_map.decode(self.offsets.metadata(part), committed)
-            ahead += len(above)
+            ahead += len(self.offsets.finished_above(part) - self.commits.committed_map(part))
         unacked = sum(
             1
             for d in self._unacked.values()
@@ -464,7 +440,7 @@ class Core:
         )
         for part in partitions:
             self.offsets.release(part)
-            self.map_bytes.pop(part, None)
+            self.commits.forget(part)
         parked = self._states[State.PARKED]
         numbers = sorted(p for _, p in partitions)
         return [facts.Released(numbers, why, parked, ahead + unacked)]
@@ -518,63 +494,21 @@ class Core:
                 self._move(out.task, State.PARKED)
                 self._active[out.task.task_id] = out.task
         self.offsets.drop(part)
-        self.map_bytes.pop(part, None)
+        self.commits.forget(part)
 
     # --- commits -------------------------------------------------------------------------
-
-    def commit_plan(self, only: set[Partition] | None = None) -> dict[Partition, tuple[int, str]]:
-        """What to commit now: each partition whose position moved or whose offset map
-        changed, with the map as metadata (empty where the broker drops metadata)."""
-        plan: dict[Partition, tuple[int, str]] = {}
-        for part in self.offsets.partitions():
-            if only is not None and part not in only:
-                continue
-            position = self.offsets.committable(part)
-            if position is None:
-                continue
-            metadata = self._metadata(part, position, self.offsets.finished_above(part))
-            committed = self.offsets.committed(part)
-            if position != committed or metadata != self.offsets.metadata(part):
-                plan[part] = (position, metadata)
-        return plan
 
     def transaction_plan(self, part: Partition, tickets: list[int]) -> tuple[int, str] | None:
         """The offset to commit for ``part`` in a transaction that carries ``tickets``: as
         if their records were acknowledged, without changing anything."""
-        extra: list[int] = []
+        finished: list[int] = []
         for ticket in tickets:
             out = self._unacked.get(ticket)
             if isinstance(out, _DeadLetterOut):
-                extra.append(out.offset)
+                finished.append(out.offset)
             elif out is not None:
-                extra += [o for t, p, o in out.task.origins if (t, p) == part]
-        position, above = self.offsets.preview(part, extra)
-        if position is None:
-            return None
-        metadata = self._metadata(part, position, above)
-        if position == self.offsets.committed(part) and metadata == self.offsets.metadata(part):
-            return None
-        return position, metadata
-
-    def _metadata(self, part: Partition, position: int, above: set[int]) -> str:
-        if not self.metadata_supported:
-            return ""
-        self.map_bytes[part] = offset_map.size(position, above)
-        return offset_map.encode(position, above, self._map_limit)
-
-    @property
-    def map_limit(self) -> int:
-        return self._map_limit
-
-    def shrink_map_limit(self) -> None:
-        """The broker refused a map as too large: its limit is below the configured one."""
-        self._map_limit = max(256, self._map_limit // 2)
-
-    def full_partitions(self) -> set[Partition]:
-        """Partitions whose offset map fills 75% of the broker's limit: take no more records
-        from them until the map shrinks (the Parallel Consumer's rule), rather than lose it."""
-        limit = 0.75 * self._map_limit
-        return {part for part, size in self.map_bytes.items() if size >= limit}
+                finished += [o for t, p, o in out.task.origins if (t, p) == part]
+        return self.commits.plan_with(part, finished)
 
     # --- internals -----------------------------------------------------------------------
 

@@ -132,7 +132,7 @@ class Intake:
         """Pause every partition at the in-flight cap, and those whose offset map is nearly
         full; resume the rest."""
         assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-        full = self._core.full_partitions() & assigned
+        full = self._core.commits.full_partitions() & assigned
         want = assigned if self.paused else full
         if want == self._paused:
             return

@@ -210,5 +210,5 @@ class Telemetry:
         if lag is not None:
             m.consumer_lag.set(lag)
         m.offset_map_bytes.clear()
-        for (_, partition), size in core.map_bytes.items():
+        for (_, partition), size in core.commits.map_bytes.items():
             m.offset_map_bytes.labels(str(partition)).set(size)

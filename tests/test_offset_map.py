@@ -58,3 +58,29 @@ def test_anything_else_is_ignored() -> None:
 def test_an_empty_map_is_still_a_map() -> None:
     text = offset_map.encode(7, [])
     assert text and offset_map.decode(text, 7) == frozenset()
+
+
+def test_the_planner_commits_moves_and_map_changes_and_pauses_a_full_map() -> None:
+    from bridge.commit_plan import CommitPlanner
+    from bridge.offsets import OffsetTracker
+
+    offsets: OffsetTracker[str] = OffsetTracker()
+    planner = CommitPlanner(offsets, limit=400)
+    offsets.start("p", 0)
+    for o in range(0, 2000):
+        offsets.add("p", o)
+    for o in range(1, 2000, 2):  # every other one finished behind offset 0
+        offsets.done("p", o)
+    ((position, metadata),) = planner.plan().values()
+    assert position == 0 and offset_map.decode(metadata, 0) == set(range(1, 2000, 2))
+    assert 300 <= len(metadata) <= 400
+    assert planner.full_partitions() == {"p"}  # 1,000 alternating offsets: past 75% of 400
+    offsets.mark_committed({"p": position}, {"p": metadata})
+    assert planner.plan() == {}  # nothing moved, the same map
+    offsets.done("p", 0)
+    ((position, _),) = planner.plan().values()
+    assert position == 2  # the finished prefix moved
+    planner.shrink_limit()
+    assert planner.limit == 256  # halved, not below the floor
+    planner.unsupported()
+    assert planner.plan()["p"][1] == "" and planner.full_partitions() == set()
