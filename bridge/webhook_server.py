@@ -167,6 +167,11 @@ class WebhookServer:
     def replay_guard(self) -> ReplayGuard:
         return self._guard
 
+    @property
+    def active(self) -> int:
+        """Requests being processed now (the concurrency cap counts these)."""
+        return self._active
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_body_bytes)
         app.router.add_post(self._config.path, self._handle)

@@ -238,15 +238,7 @@ async def read_all(
     await consumer.start()
     out: list[Received] = []
     try:
-        parts = []
-        for t in topics:
-            for _ in range(50):
-                ps = consumer.partitions_for_topic(t)
-                if ps:
-                    break
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.1)
-            parts += [TopicPartition(t, p) for p in (consumer.partitions_for_topic(t) or {0})]
+        parts = [TopicPartition(t, p) for t in topics for p in await _partitions(consumer, t)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         deadline = time.monotonic() + timeout
@@ -261,16 +253,70 @@ async def read_all(
             if now > deadline:
                 break
             batch = await consumer.getmany(timeout_ms=200)
-            for msgs in batch.values():
-                for m in msgs:
-                    out.append(
-                        Received(
-                            m.topic, m.key, m.value, dict(m.headers or ()), m.partition, m.offset
-                        )
-                    )
+            out += [_received(m) for msgs in batch.values() for m in msgs]
     finally:
         await consumer.stop()
     return out
+
+
+async def read_settled(
+    bootstrap: str, topics: list[str], *, timeout: float = 30.0
+) -> list[Received]:
+    """Every committed record of ``topics``, read once no transaction on them is open.
+
+    For topics nobody writes to any more (their producer was killed): the broker aborts what
+    it left open when the transaction times out, and only then is the committed set final.
+    Read to the end offsets, not for a while: a count taken early would miss records.
+    """
+    deadline = time.monotonic() + timeout
+    levels = ("read_committed", "read_uncommitted")
+    consumers = [
+        AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, isolation_level=level)
+        for level in levels
+    ]
+    for c in consumers:
+        await c.start()
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in await _partitions(consumers[0], t)]
+        while True:  # last stable offset == high watermark: nothing in doubt
+            stable, high = [await c.end_offsets(parts) for c in consumers]
+            if stable == high:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"transactions still open: {stable} < {high}")
+            await asyncio.sleep(0.2)
+        reader = consumers[0]
+        reader.assign(parts)
+        await reader.seek_to_beginning(*parts)
+        out: list[Received] = []
+        while not await _at(reader, high):
+            if time.monotonic() > deadline:
+                raise TimeoutError("could not read to the end offsets")
+            batch = await reader.getmany(timeout_ms=200)
+            out += [_received(m) for msgs in batch.values() for m in msgs]
+        return out
+    finally:
+        for c in consumers:
+            await c.stop()
+
+
+async def _at(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    positions = [await consumer.position(tp) for tp in ends]
+    return all(p >= end for p, end in zip(positions, ends.values(), strict=True))
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(50):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+    return {0}
+
+
+def _received(m: Any) -> Received:
+    return Received(m.topic, m.key, m.value, dict(m.headers or ()), m.partition, m.offset)
 
 
 class Tail:
@@ -343,6 +389,20 @@ async def sim_create(sim: Simulator, items: list[dict[str, Any]]) -> list[str]:
 async def scrape(port: int) -> str:
     async with httpx.AsyncClient() as client:
         return (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+
+
+async def scrape_until(port: int, check: Callable[[str], bool], timeout: float = 30) -> str:
+    """The first scrape for which ``check`` holds: metrics are waited for, never slept for."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            text = await scrape(port)
+            if check(text):
+                return text
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"metrics never matched within {timeout}s: {text[-500:]}")
+        await asyncio.sleep(0.1)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

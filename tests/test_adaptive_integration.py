@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from tests.helpers import (
     read_all,
     running_bridge,
     scrape,
+    scrape_until,
     sim_create,
 )
 
@@ -27,6 +27,14 @@ pytestmark = pytest.mark.integration
 MODEL = "acme/known-image"
 DURATION_S = 3.0  # every task of MODEL completes 3 s after creation
 WAVE = 10
+GAUGE = "wavespeed_bridge_model_completion_seconds"
+
+
+def _exported(text: str) -> tuple[float, float]:
+    return (
+        metric_value(text, GAUGE, model=MODEL, percentile="50"),
+        metric_value(text, GAUGE, model=MODEL, percentile="90"),
+    )
 
 
 async def _waves(
@@ -47,10 +55,16 @@ async def _waves(
             done = {r.event["subject"] for r in got}
             assert set(ids) <= done
             out.append([sim.tasks[i].polls for i in ids])
+        metrics = await scrape(bridge.server.port)
         if isinstance(bridge.policy, AdaptivePolicy):
             stats = bridge.policy.model_stats()
-        await asyncio.sleep(0.5)  # gauges follow the commit loop (every 0.2 s here)
-        metrics = await scrape(bridge.server.port)
+            learned = stats.get(MODEL)
+            if learned is not None:
+                # Gauges follow the commit loop: wait until it has exported what was learned.
+                metrics = await scrape_until(
+                    bridge.server.port,
+                    lambda t: _exported(t) == pytest.approx(learned),
+                )
     return out, stats, metrics
 
 
@@ -85,6 +99,4 @@ async def test_adaptive_uses_far_fewer_polls_than_fixed(
     median, p90 = stats[MODEL]
     assert median == pytest.approx(DURATION_S, rel=0.15)
     # The learned distribution is exported per model.
-    name = "wavespeed_bridge_model_completion_seconds"
-    assert metric_value(metrics, name, model=MODEL, percentile="50") == pytest.approx(median)
-    assert metric_value(metrics, name, model=MODEL, percentile="90") == pytest.approx(p90)
+    assert _exported(metrics) == pytest.approx((median, p90))

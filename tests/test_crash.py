@@ -18,8 +18,10 @@ from tests.helpers import (
     committed,
     config_data,
     create_topics,
+    metric_value,
     produce,
     read_all,
+    scrape_until,
     sim_create,
     spawn_daemon,
 )
@@ -37,16 +39,21 @@ async def test_sigkill_mid_flight_then_restart_loses_nothing(
 ) -> None:
     await create_topics(broker, names, partitions=2)
     rng = random.Random(3)
-    ids = await sim_create(
-        sim,
-        [
-            {"model": "m", "duration_s": rng.uniform(0.5, 4.0), "outcome": "completed"}
-            for _ in range(60)
-        ],
-    )
     config = config_data(broker, sim.base_url, names)
     daemon = spawn_daemon(config, tmp_path)
     try:
+        # Tasks start their clocks once the daemon is up: however slow its start, the kill
+        # below lands while some are still running.
+        await scrape_until(
+            config["server"]["port"], lambda t: metric_value(t, "wavespeed_bridge_ready") == 1, 60
+        )
+        ids = await sim_create(
+            sim,
+            [
+                {"model": "m", "duration_s": rng.uniform(0.5, 4.0), "outcome": "completed"}
+                for _ in range(60)
+            ],
+        )
         await produce(broker.bootstrap, names.input, ids)
         # Kill once some events are out and others are still in flight.
         for _ in range(200):

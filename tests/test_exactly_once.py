@@ -40,8 +40,10 @@ from tests.helpers import (
     metric_value,
     produce,
     read_all,
+    read_settled,
     running_bridge,
     scrape,
+    scrape_until,
     sim_create,
     spawn_daemon,
     wait_for_commits,
@@ -123,10 +125,7 @@ async def test_five_sigkills_with_1000_tasks(
             daemon.wait(5)
             # The daemon is dead: the log and the commits are what it left.
             covered = await _covered(broker.bootstrap, names.group, names.input, parts)
-            out = await read_all(
-                broker.bootstrap, [names.completed], timeout=3.0, until=lambda _: False
-            )
-            published = set(_subjects(out))
+            published = set(_subjects(await read_settled(broker.bootstrap, [names.completed])))
             # No offset is committed (or listed in a map) ahead of its event.
             behind = {s for s in ids if where[s][1] in covered[where[s][0]]}
             assert behind <= published, "an offset was committed past an unpublished task"
@@ -282,21 +281,21 @@ async def test_a_zombie_replica_gets_nothing_through(
         await wait_until(functools.partial(_assigned_again, tmp_path / "zombie.log", 0), timeout=30)
         await produce(broker.bootstrap, names.input, ids)
         port = zombie_cfg["server"]["port"]
-        await _scrape_until(port, lambda t: metric_value(t, "wavespeed_bridge_events_pending") > 0)
+        await scrape_until(port, lambda t: metric_value(t, "wavespeed_bridge_events_pending") > 0)
         zombie.send_signal(signal.SIGSTOP)  # past its session timeout (4 s): its partitions move
         other_cfg = {**base, "server": {**base["server"], "port": free_port()}}
         other = spawn_daemon(other_cfg, tmp_path, log_name="other.log")
         other_port = other_cfg["server"]["port"]
-        await _scrape_until(
+        await scrape_until(
             other_port, lambda t: metric_value(t, "wavespeed_bridge_assigned_partitions") == 2, 60
         )
-        await _scrape_until(
+        await scrape_until(
             other_port,
             lambda t: _transactions(t, "committed") > 0,
             60,
         )
         zombie.send_signal(signal.SIGCONT)  # it wakes up with a transaction to finish
-        fenced = await _scrape_until(
+        fenced = await scrape_until(
             port,
             lambda t: _transactions(t, "fenced") + _transactions(t, "aborted") > 0,
             60,
@@ -317,18 +316,6 @@ async def test_a_zombie_replica_gets_nothing_through(
     refused = _transactions(fenced, "fenced")
     print(f"zombie: 200 ids, {len(got)} events, {duplicates} duplicates, {refused:g} fenced")
     assert set(counts) == set(ids) and duplicates == 0
-
-
-async def _scrape_until(port: int, check: Any, timeout: float = 30) -> str:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            text = await scrape(port)
-            if check(text):
-                return text
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("metrics never matched")
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.tansu_too

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -28,6 +30,7 @@ from tests.helpers import (
     read_all,
     running_bridge,
     scrape,
+    scrape_until,
     sim_create,
     wait_for_commits,
     wait_until,
@@ -106,34 +109,44 @@ async def test_long_tasks_do_not_get_the_member_ejected(
     )
     async with running_bridge(config) as bridge:
         await produce(broker.bootstrap, names.input, ids)
-        await asyncio.sleep(1.0)
-        paused = metric_value(await scrape(bridge.server.port), "wavespeed_bridge_consumer_paused")
+        # At the cap, fetching pauses instead of buffering (the first 5 s task is still out).
+        await scrape_until(
+            bridge.server.port,
+            lambda t: metric_value(t, "wavespeed_bridge_consumer_paused") == 1,
+            timeout=10,
+        )
         got = await read_all(broker.bootstrap, [names.completed], expect=4, timeout=30)
         text = await scrape(bridge.server.port)
-    assert paused == 1  # at the cap, fetching paused instead of buffering
     assert sorted(_subjects(got)) == sorted(ids)
     # 10 s of tasks against a 2 s max.poll.interval: still one assignment, no rebalance loop.
     assert metric_value(text, "wavespeed_bridge_rebalances_total") == 1
 
 
 async def test_duplicate_ids_polled_once_each_offset_committed(
-    broker: Broker, sim: Simulator, names: Names
+    broker: Broker, sim: Simulator, names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(sim, "record_poll_times", True)
     await create_topics(broker, names)
     config = make_config(broker, sim.base_url, names, polling={"interval_s": 0.5, "jitter": 0})
     async with running_bridge(config) as bridge:
-        (task,) = await sim_create(sim, [{"model": "m", "duration_s": 2.0, "outcome": "completed"}])
+        (task,) = await sim_create(sim, [{"model": "m", "duration_s": 600, "outcome": "completed"}])
         await produce(broker.bootstrap, names.input, [task, {"id": task, "metadata": {"n": 2}}])
-        await asyncio.sleep(0.7)
-        await produce(broker.bootstrap, names.input, [task])
+        await wait_until(lambda: task in bridge.tasks, timeout=20)
+        await produce(broker.bootstrap, names.input, [task])  # while the first is in flight
+        await scrape_until(
+            bridge.server.port,
+            lambda t: metric_value(t, "wavespeed_bridge_duplicate_tasks_total") == 2,
+        )
+        await wait_until(lambda: sim.tasks[task].polls >= 3, timeout=20)
+        sim_task = sim.tasks[task]
+        sim_task.duration_s = time.monotonic() - sim_task.created  # it finishes now
         got = await read_all(broker.bootstrap, [names.completed], expect=1, settle=1.5)
-        text = await scrape(bridge.server.port)
     assert len(got) == 1  # one event for the three messages
     records = got[0].event["data"]["input"]["records"]
     assert [r["offset"] for r in records] == [0, 1, 2]
-    # One poller: ~one poll per 0.5 s over 2 s, not three times that.
-    assert sim.tasks[task].polls <= 6
-    assert metric_value(text, "wavespeed_bridge_duplicate_tasks_total") == 2
+    # One poller, every 0.5 s: never two polls closer than the interval.
+    gaps = [b - a for a, b in itertools.pairwise(sim_task.poll_times)]
+    assert gaps and min(gaps) >= 0.45, gaps
     assert await committed(broker.bootstrap, names.group, names.input) == [3]
 
 

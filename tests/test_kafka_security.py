@@ -7,7 +7,6 @@ on SASL_SSL beside a plain listener the test's own clients use.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tests.helpers import (
     read_all,
     running_bridge,
     scrape,
+    scrape_until,
     sim_create,
     spawn_daemon,
     wait_for_commits,
@@ -139,7 +139,7 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_clear_error(
     port = data["server"]["port"]
     daemon = spawn_daemon(data, tmp_path)
     try:
-        text = await _scrape_when(port, lambda t: _errors(t, kind) >= 3, timeout=40)
+        text = await scrape_until(port, lambda t: _errors(t, kind) >= 3, timeout=40)
         async with httpx.AsyncClient() as client:
             readyz = await client.get(f"http://127.0.0.1:{port}/readyz")
         alive = daemon.poll() is None
@@ -159,21 +159,6 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_clear_error(
 
 def _errors(text: str, kind: str) -> float:
     return metric_value(text, "wavespeed_bridge_kafka_connection_errors_total", kind=kind)
-
-
-async def _scrape_when(port: int, ready: Any, timeout: float) -> str:
-    """The first scrape of the daemon's /metrics that satisfies ``ready``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            text = await scrape(port)
-        except httpx.HTTPError:
-            text = ""
-        if ready(text):
-            return text
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"metrics never matched: {text[-500:]}")
-        await asyncio.sleep(0.2)
 
 
 async def test_missing_output_topics_hold_their_events_until_created(

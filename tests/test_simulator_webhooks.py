@@ -119,7 +119,9 @@ async def test_a_submit_with_a_webhook_gets_a_signed_delivery_that_verifies(
     data = json.loads(got.body)
     assert data["input"] == {"prompt": "octopus"}  # echoed, as the docs show
     assert data["outputs"] and data["timings"]["inference"] > 0
-    assert sim.stats()["webhooks"]["sent"] == 1
+    # The simulator records an attempt once it has read the answer, after the endpoint saw it.
+    await wait_until(lambda: len(sim.webhook_attempts) == 1, timeout=5)
+    assert sim.stats()["webhooks"]["sent"] == 1 and sim.webhook_attempts[0].status == 200
 
 
 async def test_webhook_url_in_the_body_and_failed_tasks(sim: Simulator, endpoint: Endpoint) -> None:

@@ -30,6 +30,7 @@ from tests.helpers import (
     read_all,
     running_bridge,
     scrape,
+    scrape_until,
     sim_create,
     spawn_daemon,
     wait_until,
@@ -67,6 +68,11 @@ def _polls(sim: Simulator, ids: list[str]) -> int:
     return sum(sim.tasks[i].polls for i in ids)
 
 
+def _answered(sim: Simulator, ids: list[str]) -> int:
+    wanted = set(ids)
+    return sum(1 for a in sim.webhook_attempts if a.task_id in wanted and a.status is not None)
+
+
 def _events(got: list[Received]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in got:
@@ -93,6 +99,8 @@ async def test_a_delivery_received_by_one_replica_is_applied_by_the_owner(
         for i, task in enumerate(ids):
             await produce(broker.bootstrap, names.input, [task], partition=i % 2)
         got = await read_all(broker.bootstrap, [names.completed], expect=20, timeout=30, settle=1.0)
+        # The receiver counts a delivery before it answers, and the simulator records the answer.
+        await wait_until(lambda: _answered(sim, ids) == 20, timeout=10)
         text_a, text_b = await scrape(a.server.port), await scrape(b.server.port)
     events = _events(got)
     received_a = metric_value(
@@ -249,6 +257,12 @@ async def test_a_delivery_acknowledged_just_before_a_crash_still_takes_effect(
     )
     owner_cfg = _config(broker, sim, names, free_port())
     try:
+        # Receiver listening first, so the delivery, not an overdue poll, finishes the task.
+        await scrape_until(
+            receiver_cfg["server"]["port"],
+            lambda t: metric_value(t, "wavespeed_bridge_webhooks_enabled") == 1,
+            timeout=60,
+        )
         async with running_bridge(owner_cfg, webhook_secret=secret) as owner:
             (task,) = await sim_create(sim, [{"model": "m", "duration_s": 0.1}])
             await produce(broker.bootstrap, names.input, [task])

@@ -40,7 +40,7 @@ from bridge.webhook_server import (
     read_capped,
 )
 from bridge.webhook_signature import sign, signed_headers
-from tests.helpers import metric_value, read_all
+from tests.helpers import metric_value, read_all, wait_until
 
 SECRET = "whsec_" + "k3y-for-tests-" + "9f2c41"
 PATH = "/webhooks/wavespeed"
@@ -163,10 +163,10 @@ async def test_the_same_delivery_twice_at_once_is_published_once(receiver: Recei
     body = delivery_body()
     headers = signed(body)
     first = asyncio.create_task(post(receiver.url, body, headers))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: receiver.server.active == 1, timeout=5)
     second = asyncio.create_task(post(receiver.url, body, headers))
-    await asyncio.sleep(0.2)
-    assert not first.done() and not second.done()  # both wait for the broker
+    await wait_until(lambda: receiver.server.active == 2, timeout=5)  # both wait for the broker
+    assert not first.done() and not second.done()
     receiver.publish.gate.set()
     assert (await first)[:2] == (200, "accepted")
     assert (await second)[:2] == (200, "replay")
@@ -363,7 +363,7 @@ async def test_over_the_concurrency_cap_is_503_overloaded(receiver: Receiver) ->
     receiver.publish.gate = asyncio.Event()
     body = delivery_body()
     first = asyncio.create_task(post(receiver.url, body, signed(body)))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: receiver.server.active == 1, timeout=5)
     other = delivery_body("pred_other")
     status, text, headers = await post(receiver.url, other, signed(other))
     assert (status, text, headers["Retry-After"]) == (503, "overloaded", "1")
