@@ -16,7 +16,8 @@ What it does, all on loopback:
 3. feeds task ids for ``--minutes``: a ramp of image and video models with lognormal
    completion times, ~3% failures, a few tasks that outlive their ``timeout_s``, some
    malformed messages (dead letters), and a minute in which the simulator answers 5% of
-   polls with 429;
+   polls with 429; every task is submitted with a replica's webhook URL (the simulator
+   loses 5% of deliveries, delays the rest by 0.1-0.6 s and signs 1% with a wrong secret);
 4. takes every target of ``helm/wavespeed-bridge/dashboards/wavespeed-bridge.json``, puts
    Grafana's variables in (``$__rate_interval`` = 30s, ``$namespace``/``$job`` = ``.*``),
    runs it through Prometheus' ``/api/v1/query_range`` and plots the result per panel with
@@ -58,6 +59,9 @@ DASHBOARD = ROOT / "helm" / "wavespeed-bridge" / "dashboards" / "wavespeed-bridg
 API_KEY = "render-dashboard-key"
 NAMESPACE, JOB = "wavespeed", "wavespeed-bridge"
 PODS = ("wavespeed-bridge-6c9f7d-2xkqp", "wavespeed-bridge-6c9f7d-9wlzt")
+WEBHOOK_TOPIC = "wavespeed.webhooks"
+# Every task is submitted with a replica's webhook URL; some deliveries get lost or late.
+WEBHOOK_FAULTS = {"loss_rate": 0.05, "delay_s": 0.1, "jitter_s": 0.5, "bad_signature_rate": 0.01}
 SCRAPE_S = 2
 STEP_S = 5
 # Grafana's $__rate_interval would be max(4 x scrape, step + scrape) = 8 s here; 30 s gives
@@ -80,7 +84,7 @@ class Stack:
     prometheus_url: str
 
 
-def bridge_config(broker: TansuBroker, sim: Simulator, port: int) -> Config:
+def bridge_config(broker: TansuBroker, sim: Simulator, port: int, hook_port: int) -> Config:
     return build_config(
         {
             "kafka": {
@@ -91,10 +95,12 @@ def bridge_config(broker: TansuBroker, sim: Simulator, port: int) -> Config:
                 "health_check_interval_s": 1.0,
                 "session_timeout_ms": 6000,
                 "heartbeat_interval_ms": 1000,
+                "enable_idempotence": False,  # Tansu has no InitProducerId
             },
             "api": {"base_url": sim.base_url, "requests_per_second": 15},
             "polling": {"policy": "fixed", "interval_s": 2.0, "default_timeout_s": 90},
             "server": {"host": "127.0.0.1", "port": port},
+            "webhooks": {"enabled": True, "port": hook_port, "topic": WEBHOOK_TOPIC},
             "logging": {"format": "json", "level": "WARNING"},
             "shutdown_grace_s": 5,
         },
@@ -161,7 +167,9 @@ def pick_model(rng: random.Random) -> str:
     return next(iter(MODELS))
 
 
-async def feed(sim: Simulator, bootstrap: str, minutes: float, rng: random.Random) -> int:
+async def feed(
+    sim: Simulator, bootstrap: str, minutes: float, rng: random.Random, hooks: list[str]
+) -> int:
     """Submit tasks to the simulator and their ids to Kafka; returns the number of inputs."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
@@ -184,7 +192,8 @@ async def feed(sim: Simulator, bootstrap: str, minutes: float, rng: random.Rando
                 median, sigma, _share = MODELS[model]
                 duration = median * math.exp(rng.gauss(0.0, sigma))
                 outcome = "failed" if rng.random() < 0.03 else "completed"
-                task = sim.create(model, duration_s=duration, outcome=outcome)
+                url = rng.choice(hooks)  # the receiving replica rarely tracks the task
+                task = sim.create(model, duration_s=duration, outcome=outcome, webhook_url=url)
                 message: dict[str, Any] = {"id": task.id, "model": model}
                 if rng.random() < 0.02:
                     message["timeout_s"] = max(1.0, duration / 3)  # will time out
@@ -401,18 +410,26 @@ async def main(minutes: float, out: Path, seed: int) -> None:
         await broker.wait_ready()
         await broker.create_topics(["wavespeed.tasks"], partitions=4)
         await broker.create_topics(
-            ["wavespeed.completed", "wavespeed.failed", "wavespeed.dead-letter"]
+            ["wavespeed.completed", "wavespeed.failed", "wavespeed.dead-letter", WEBHOOK_TOPIC]
         )
         sim = Simulator(api_key=API_KEY, seed=seed)
         await sim.start()
+        sim.set_webhook_faults(**WEBHOOK_FAULTS)
         ports = [free_port() for _ in PODS]
-        bridges = [Bridge(bridge_config(broker, sim, p), api_key=API_KEY) for p in ports]
+        hook_ports = [free_port() for _ in PODS]
+        hooks = [f"http://127.0.0.1:{p}/webhooks/wavespeed" for p in hook_ports]
+        bridges = [
+            Bridge(
+                bridge_config(broker, sim, p, h), api_key=API_KEY, webhook_secret=sim.webhook_secret
+            )
+            for p, h in zip(ports, hook_ports, strict=True)
+        ]
         stop = asyncio.Event()
         runs = [asyncio.create_task(b.run(stop)) for b in bridges]
         try:
             async with prometheus(workdir, ports) as url:
                 start = time.time()
-                sent = await feed(sim, broker.bootstrap, minutes, rng)
+                sent = await feed(sim, broker.bootstrap, minutes, rng, hooks)
                 print(f"fed {sent} inputs; draining")
                 await asyncio.sleep(45)  # video tasks finish, timeouts fire, rates decay
                 end = time.time()

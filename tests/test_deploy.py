@@ -88,6 +88,9 @@ REQUIRED_PANELS = {
     "API responses by status class",
     "Dead letters",
     "Rate-limit waits",
+    "Webhook deliveries by result",
+    "Tasks finished by webhook",
+    "Delivery to event latency",
 }
 # Config keys the chart sets itself, so values.config may not.
 CHART_MANAGED = {
