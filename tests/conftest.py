@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from bridge.local.apache_kafka import KafkaCluster, start_cluster
 from bridge.local.broker import Broker
@@ -111,3 +114,16 @@ def names() -> Names:
 @pytest.fixture(scope="session")
 def broker_kind() -> Iterator[str]:
     yield BROKER
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that configure logging: the process's set-up comes back afterwards."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)

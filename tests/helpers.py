@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,6 +318,25 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
 
 def _received(m: Any) -> Received:
     return Received(m.topic, m.key, m.value, dict(m.headers or ()), m.partition, m.offset)
+
+
+def subjects(records: Sequence[Received]) -> Counter[str]:
+    """Events per task id (the CloudEvents ``subject``)."""
+    return Counter(r.event["subject"] for r in records)
+
+
+async def read_every_task(
+    bootstrap: str, topics: list[str], ids: Sequence[str], *, timeout: float, settle: float = 1.0
+) -> list[Received]:
+    """Read until every task in ``ids`` has an event, then ``settle`` s more for repeats."""
+    wanted = set(ids)
+    return await read_all(
+        bootstrap,
+        topics,
+        timeout=timeout,
+        settle=settle,
+        until=lambda rs: set(subjects(rs)) >= wanted,
+    )
 
 
 class Tail:

@@ -21,6 +21,7 @@ from tests.helpers import (
     metric_value,
     produce,
     read_all,
+    read_every_task,
     scrape_until,
     sim_create,
     spawn_daemon,
@@ -68,13 +69,7 @@ async def test_sigkill_mid_flight_then_restart_loses_nothing(
         # reports the last batch's base offset + 1, short of a multi-record batch.)
         killed_at = datetime.now(UTC)
         daemon = spawn_daemon(config, tmp_path)
-        got = await read_all(
-            broker.bootstrap,
-            [names.completed],
-            timeout=60,
-            settle=1.0,
-            until=lambda rs: {r.event["subject"] for r in rs} >= set(ids),
-        )
+        got = await read_every_task(broker.bootstrap, [names.completed], ids, timeout=60)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(20)

@@ -30,7 +30,6 @@ from bridge.local.broker import Broker, free_port
 from bridge.local.simulator import Simulator
 from tests.helpers import (
     Names,
-    Received,
     Tail,
     config_data,
     create_topics,
@@ -40,12 +39,14 @@ from tests.helpers import (
     metric_value,
     produce,
     read_all,
+    read_every_task,
     read_settled,
     running_bridge,
     scrape,
     scrape_until,
     sim_create,
     spawn_daemon,
+    subjects,
     wait_for_commits,
     wait_until,
 )
@@ -59,10 +60,6 @@ Delivery = Literal["at_least_once", "exactly_once"]
 def _transactional(broker: Broker, delivery: str) -> None:
     if delivery == "exactly_once" and not broker.features.transactions:
         pytest.skip(f"{broker.name} has no transactions")
-
-
-def _subjects(records: list[Received]) -> Counter[str]:
-    return Counter(r.event["subject"] for r in records)
 
 
 async def _covered(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, set[int]]:
@@ -125,22 +122,16 @@ async def test_five_sigkills_with_1000_tasks(
             daemon.wait(5)
             # The daemon is dead: the log and the commits are what it left.
             covered = await _covered(broker.bootstrap, names.group, names.input, parts)
-            published = set(_subjects(await read_settled(broker.bootstrap, [names.completed])))
+            published = set(subjects(await read_settled(broker.bootstrap, [names.completed])))
             # No offset is committed (or listed in a map) ahead of its event.
             behind = {s for s in ids if where[s][1] in covered[where[s][0]]}
             assert behind <= published, "an offset was committed past an unpublished task"
             at_risk |= {s for s in published if where[s][1] not in covered[where[s][0]]}
             daemon = spawn_daemon(config, tmp_path)
-        got = await read_all(
-            broker.bootstrap,
-            [names.completed],
-            timeout=120,
-            settle=1.0,
-            until=lambda rs: set(_subjects(rs)) >= set(ids),
-        )
+        got = await read_every_task(broker.bootstrap, [names.completed], ids, timeout=120)
     finally:
         _stop(daemon)
-    counts = _subjects(got)
+    counts = subjects(got)
     duplicates = {s for s, c in counts.items() if c > 1}
     print(
         f"sigkill x5, {delivery}: 1000 ids, {len(got)} events, lost {len(set(ids) - set(counts))},"
@@ -191,16 +182,10 @@ async def test_a_clean_restart_repeats_nothing(
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
         daemon = spawn_daemon(config, tmp_path)
-        got = await read_all(
-            broker.bootstrap,
-            [names.completed],
-            timeout=90,
-            settle=1.0,
-            until=lambda rs: set(_subjects(rs)) >= set(ids),
-        )
+        got = await read_every_task(broker.bootstrap, [names.completed], ids, timeout=90)
     finally:
         _stop(daemon)
-    counts = _subjects(got)
+    counts = subjects(got)
     duplicates = sum(c - 1 for c in counts.values())
     print(f"SIGTERM and restart, {delivery}: 500 ids, {len(got)} events, {duplicates} duplicates")
     assert set(counts) == set(ids) and duplicates == 0
@@ -221,14 +206,8 @@ async def test_three_replicas_join_and_leave_over_six_partitions(
         await asyncio.sleep(1.0)
         await join_then_leave(configs[1:])  # scale out, then in
         await feeding
-        got = await read_all(
-            broker.bootstrap,
-            [names.completed],
-            timeout=90,
-            settle=1.0,
-            until=lambda rs: set(_subjects(rs)) >= set(ids),
-        )
-    counts = _subjects(got)
+        got = await read_every_task(broker.bootstrap, [names.completed], ids, timeout=90)
+    counts = subjects(got)
     duplicates = sum(c - 1 for c in counts.values())
     print(f"three replicas, {delivery}: 3000 ids, {len(got)} events, {duplicates} duplicates")
     assert set(counts) == set(ids)
@@ -300,18 +279,14 @@ async def test_a_zombie_replica_gets_nothing_through(
             lambda t: _transactions(t, "fenced") + _transactions(t, "aborted") > 0,
             60,
         )
-        got = await read_all(
-            broker.bootstrap,
-            [names.completed],
-            timeout=90,
-            settle=2.0,
-            until=lambda rs: set(_subjects(rs)) >= set(ids),
+        got = await read_every_task(
+            broker.bootstrap, [names.completed], ids, timeout=90, settle=2.0
         )
     finally:
         _stop(zombie)
         if other is not None:
             _stop(other)
-    counts = _subjects(got)
+    counts = subjects(got)
     duplicates = sum(c - 1 for c in counts.values())
     refused = _transactions(fenced, "fenced")
     print(f"zombie: 200 ids, {len(got)} events, {duplicates} duplicates, {refused:g} fenced")

@@ -6,8 +6,6 @@ import asyncio
 import itertools
 import random
 import time
-from collections import Counter
-from collections.abc import Sequence
 
 import httpx
 import pytest
@@ -18,7 +16,6 @@ from tests.helpers import (
     API_KEY,
     Names,
     OwnBroker,
-    Received,
     StartBroker,
     committed,
     create_topics,
@@ -28,19 +25,17 @@ from tests.helpers import (
     metric_value,
     produce,
     read_all,
+    read_every_task,
     running_bridge,
     scrape,
     scrape_until,
     sim_create,
+    subjects,
     wait_for_commits,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def _subjects(records: Sequence[Received]) -> Counter[str]:
-    return Counter(r.event["subject"] for r in records)
 
 
 @pytest.mark.parametrize(("replicas", "partitions", "tasks"), [(2, 4, 1000), (3, 6, 1500)])
@@ -66,15 +61,9 @@ async def test_rebalance_replicas_join_and_leave_while_tasks_flow(
         others = await join_then_leave(configs[1:])  # partitions move to each, then back
         # they left, last first: their partitions come back to a
         await feeding
-        got = await read_all(
-            broker.bootstrap,
-            [names.completed],
-            timeout=60,
-            settle=1.0,
-            until=lambda rs: set(_subjects(rs)) >= set(ids),
-        )
+        got = await read_every_task(broker.bootstrap, [names.completed], ids, timeout=60)
         text_a = await scrape(a.server.port)
-    counts = _subjects(got)
+    counts = subjects(got)
     assert set(counts) == set(ids)  # nothing lost
     duplicates = sum(c - 1 for c in counts.values())
     risk = metric_value(text_a, "wavespeed_bridge_rebalance_duplicate_risk_tasks_total") + sum(
@@ -117,7 +106,7 @@ async def test_long_tasks_do_not_get_the_member_ejected(
         )
         got = await read_all(broker.bootstrap, [names.completed], expect=4, timeout=30)
         text = await scrape(bridge.server.port)
-    assert sorted(_subjects(got)) == sorted(ids)
+    assert sorted(subjects(got)) == sorted(ids)
     # 10 s of tasks against a 2 s max.poll.interval: still one assignment, no rebalance loop.
     assert metric_value(text, "wavespeed_bridge_rebalances_total") == 1
 
@@ -175,15 +164,10 @@ async def _broker_freeze_scenario(sim: Simulator, own: OwnBroker) -> dict[str, f
         async with httpx.AsyncClient() as client:
             readyz = await client.get(f"http://127.0.0.1:{bridge.server.port}/readyz")
         own.thaw()
-        got = await read_all(
-            own.bootstrap,
-            [names.completed],
-            timeout=60,
-            until=lambda rs: set(_subjects(rs)) >= set(ids),
-        )
+        got = await read_every_task(own.bootstrap, [names.completed], ids, timeout=60, settle=0.0)
         positions = await wait_for_commits(own.bootstrap, names.group, names.input, 2, total=20)
         await wait_until(lambda: bridge.readiness()[0], timeout=30)
-    assert set(_subjects(got)) == set(ids)
+    assert set(subjects(got)) == set(ids)
     return {
         "not_ready": float(not_ready),
         "readyz_status": float(readyz.status_code),
@@ -307,11 +291,11 @@ async def test_broker_restart_mid_flow_loses_nothing_and_resumes_by_itself(
             [names.completed],
             timeout=60,
             settle=1.0,
-            until=lambda rs: set(_subjects(rs)) >= set(tasks),
+            until=lambda rs: set(subjects(rs)) >= set(tasks),
         )
         await wait_until(lambda: bridge.readiness()[0], timeout=30)
         positions = await wait_for_commits(own.bootstrap, names.group, names.input, 2, total=60)
-    counts = _subjects(got)
+    counts = subjects(got)
     assert set(counts) == set(tasks)  # nothing lost
     duplicates = sum(c - 1 for c in counts.values())
     print(f"broker restart: 60 tasks, {len(got)} events, {duplicates} duplicates")
@@ -338,7 +322,7 @@ async def _restart_of_a_broker_without_a_log(sim: Simulator, own: OwnBroker) -> 
             own.bootstrap,
             [names.completed],
             timeout=60,
-            until=lambda rs: set(_subjects(rs)) >= set(tasks),
+            until=lambda rs: set(subjects(rs)) >= set(tasks),
         )
-        assert set(_subjects(got)) == set(tasks)
+        assert set(subjects(got)) == set(tasks)
         await wait_until(lambda: bridge.readiness()[0], timeout=10)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -240,18 +240,6 @@ async def test_secrets_never_leave_the_process(
 
 
 # --- the logging set-up on its own: uncaught exceptions and library loggers ----------------
-
-
-@pytest.fixture
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_uncaught_exceptions_and_library_tracebacks_are_scrubbed(restore_logging: None) -> None:

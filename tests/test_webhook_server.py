@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import random
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp import StreamReader
 from prometheus_client import generate_latest
 
@@ -380,18 +377,6 @@ def test_every_result_is_exported_at_zero_from_the_start() -> None:
     for result in WEBHOOK_RESULTS:
         assert f'wavespeed_bridge_webhook_deliveries_total{{result="{result}"}} 0.0' in text
     assert "wavespeed_bridge_webhook_request_duration_seconds_bucket" in text
-
-
-@pytest.fixture
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 async def test_logs_carry_ids_and_results_never_the_secret_or_a_signature(
