@@ -30,16 +30,12 @@ class CommitPlanner(Generic[P]):
 
     def plan(self, only: set[P] | None = None) -> dict[P, tuple[int, str]]:
         """Each partition whose position moved or whose map changed: (position, metadata)."""
-        offsets, out = self._offsets, {}
-        for part in offsets.partitions():
-            if only is not None and part not in only:
-                continue
-            position = offsets.committable(part)
-            if position is None:
-                continue
-            metadata = self._metadata(part, position, offsets.finished_above(part))
-            if position != offsets.committed(part) or metadata != offsets.metadata(part):
-                out[part] = (position, metadata)
+        out = {}
+        for part in self._offsets.partitions():
+            if only is None or part in only:
+                planned = self.plan_with(part, ())
+                if planned is not None:
+                    out[part] = planned
         return out
 
     def plan_with(self, part: P, finished: Iterable[int]) -> tuple[int, str] | None:
@@ -81,5 +77,5 @@ class CommitPlanner(Generic[P]):
     def _metadata(self, part: P, position: int, above: set[int]) -> str:
         if not self.metadata_supported:
             return ""
-        self.map_bytes[part] = offset_map.size(position, above)
-        return offset_map.encode(position, above, self.limit)
+        text, self.map_bytes[part] = offset_map.encode_sized(position, above, self.limit)
+        return text

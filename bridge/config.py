@@ -441,7 +441,7 @@ def _check(config: Config, problems: list[str]) -> None:
         topics.append(k.timeout_topic)
     if k.input_topic in topics[1:]:
         problems.append("kafka.input_topic: must differ from every output topic")
-    _check_webhooks(config, problems)
+    _check_webhooks(config, problems, topics)
     for i, mc in enumerate(p.model_classes):
         if not (0 < mc.min_interval_s <= mc.max_interval_s):
             problems.append(
@@ -451,7 +451,7 @@ def _check(config: Config, problems: list[str]) -> None:
             problems.append(f"polling.model_classes[{i}]: need 0 < median_s < p90_s")
 
 
-def _check_webhooks(config: Config, problems: list[str]) -> None:
+def _check_webhooks(config: Config, problems: list[str], kafka_topics: list[str]) -> None:
     w, k = config.webhooks, config.kafka
     for key, value in (
         ("webhooks.max_body_bytes", w.max_body_bytes),
@@ -482,9 +482,7 @@ def _check_webhooks(config: Config, problems: list[str]) -> None:
         )
     if not w.topic:
         problems.append("webhooks.topic: must not be empty")
-    elif w.topic in (k.input_topic, k.completed_topic, k.failed_topic, k.dead_letter_topic) or (
-        w.topic == k.timeout_topic
-    ):
+    elif w.topic in kafka_topics:
         problems.append("webhooks.topic: must differ from kafka's input and output topics")
     if w.enabled and w.max_body_bytes > k.max_message_bytes:
         problems.append(
@@ -625,22 +623,24 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     return build_config(data, env)
 
 
+def _read_secret_file(path: str, key: str) -> str:
+    """A secret mount's content, stripped; unreadable is a config error naming ``key``."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError([f"{key}: cannot read ({exc.strerror})"]) from None
+
+
 def read_api_key(config: ApiConfig, env: Mapping[str, str]) -> str | None:
     """The API key from ``api_key_file`` (a secret mount) or the environment variable."""
     if config.api_key_file:
-        try:
-            return Path(config.api_key_file).read_text(encoding="utf-8").strip() or None
-        except OSError as exc:
-            raise ConfigError([f"api.api_key_file: cannot read ({exc.strerror})"]) from None
+        return _read_secret_file(config.api_key_file, "api.api_key_file") or None
     return env.get(config.api_key_env) or None
 
 
 def read_sasl_password(config: KafkaConfig) -> str | None:
     if config.sasl_password_file:
-        try:
-            return Path(config.sasl_password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError([f"kafka.sasl_password_file: cannot read ({exc.strerror})"]) from None
+        return _read_secret_file(config.sasl_password_file, "kafka.sasl_password_file")
     return config.sasl_password
 
 
@@ -648,10 +648,7 @@ def read_webhook_secret(config: WebhooksConfig, env: Mapping[str, str]) -> str |
     """The webhook secret (``whsec_...``) from ``secret_file`` (a secret mount) or the
     environment variable; None when neither has one."""
     if config.secret_file:
-        try:
-            text = Path(config.secret_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError([f"webhooks.secret_file: cannot read ({exc.strerror})"]) from None
+        text = _read_secret_file(config.secret_file, "webhooks.secret_file")
     else:
         text = (env.get(config.secret_env) or "").strip()
     if text.removeprefix("whsec_") == "":

@@ -27,9 +27,6 @@ class DeliveryMemory:
         self._limit, self._ttl = limit, ttl
         self._by_task: collections.OrderedDict[str, Remembered] = collections.OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._by_task)
-
     def remember(
         self,
         task_id: str,

@@ -92,10 +92,17 @@ def encode(base: int, finished: Iterable[int], max_bytes: int = DEFAULT_MAX_BYTE
     it keeps the longest prefix that fits: the offsets it leaves out are processed again by
     the next owner, as without a map, but none is skipped wrongly.
     """
+    return encode_sized(base, finished, max_bytes)[0]
+
+
+def encode_sized(
+    base: int, finished: Iterable[int], max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[str, int]:
+    """:func:`encode`, and the length of the untruncated map (encoded once)."""
     rel = sorted({o - base for o in finished if o > base})
     text = _encode(base, rel)
     if len(text) <= max_bytes:
-        return text
+        return text, len(text)
     lo, hi = 0, len(rel)  # the largest prefix that fits, by bisection
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -103,7 +110,7 @@ def encode(base: int, finished: Iterable[int], max_bytes: int = DEFAULT_MAX_BYTE
             lo = mid
         else:
             hi = mid - 1
-    return _encode(base, rel[:lo])
+    return _encode(base, rel[:lo]), len(text)
 
 
 def size(base: int, finished: Iterable[int]) -> int:

@@ -67,6 +67,9 @@ class WebhookAware:
         # task id -> (its model, its creation in wall time) of recently finished tasks, for
         # a delivery that comes late; bounded, oldest forgotten.
         self._recent: collections.OrderedDict[str, tuple[_Model, float]] = collections.OrderedDict()
+        # The wrapped policy's learned completion quantiles, if it learns (the adaptive one).
+        self._completion = getattr(base, "completion_quantile", None)
+        self._no_history = _Model()  # never written to: overdue from the wrapped policy alone
 
     # --- PollPolicy ----------------------------------------------------------------------
 
@@ -143,33 +146,25 @@ class WebhookAware:
     def trusted(self, model: str | None) -> bool:
         return self._trusted(model) is not None
 
-    def share(self, model: str) -> float:
-        m = self._models.get(model)
-        return m.share() if m is not None else 0.0
-
     def _trusted(self, model: str | None) -> _Model | None:
         """The model's history if deliveries are trusted for it, else None."""
         m = self._models.get(model) if model else None
         if m is not None and len(m.ages) >= MIN_DELIVERED:
             return m if m.share() >= TRUST_SHARE else None
-        if not self._learned_completion():
+        if self._completion is None:
             return None  # lateness would be a guess: poll as without webhooks
-        seen = sum(1 for d in self._all.delivered if d)
-        if seen < MIN_DELIVERED or self._all.share() < TRUST_SHARE:
+        seen = sum(self._all.delivered)
+        if seen < MIN_DELIVERED or seen < TRUST_SHARE * len(self._all.delivered):
             return None
-        return m if m is not None else _Model()  # overdue from the wrapped policy alone
-
-    def _learned_completion(self) -> bool:
-        return getattr(self.base, "completion_quantile", None) is not None
+        return m if m is not None else self._no_history
 
     def _overdue(self, task: Task, model: _Model) -> float:
         """When the task's delivery is overdue: the 99th percentile of delivery ages, and no
         earlier than the wrapped policy's own 99th percentile of completion (the first
         deliveries come from the fastest tasks)."""
         overdue = model.overdue_age()
-        learned = getattr(self.base, "completion_quantile", None)
-        if learned is not None:
-            overdue = max(overdue, learned(task.model, 0.99) * MARGIN + MARGIN_S)
+        if self._completion is not None:
+            overdue = max(overdue, self._completion(task.model, 0.99) * MARGIN + MARGIN_S)
         return overdue
 
     @staticmethod
