@@ -293,11 +293,14 @@ class Bridge:
         transactions: TransactionalOutbox | None,
     ) -> None:
         input_topic = self.config.kafka.input_topic
+        held: frozenset[str] = frozenset()
         while not self._stopping:
-            missing = await self.kafka.probe(producer)
-            publisher.hold_topics(missing - {input_topic})
-            if transactions is not None:
-                transactions.hold_topics(missing - {input_topic})
+            missing = await self.kafka.probe(producer) - {input_topic}
+            if missing != held:  # the outboxes keep the set: tell them of changes only
+                held = missing
+                publisher.hold_topics(held)
+                if transactions is not None:
+                    transactions.hold_topics(held)
             self.metrics.ready.set(1 if self.readiness()[0] else 0)
             await asyncio.sleep(self.config.kafka.health_check_interval_s)
 

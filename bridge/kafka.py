@@ -10,7 +10,6 @@ import asyncio
 import ssl
 from typing import Any
 
-import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -26,13 +25,10 @@ from aiokafka.helpers import create_ssl_context
 from bridge.config import KafkaConfig, read_sasl_password
 from bridge.messages import Record
 
-log = structlog.get_logger("wavespeed_bridge.kafka")
-
 # Producer batches up to this size: aiokafka keeps one request in flight per broker, so
 # small batches cap events per round trip. Below the brokers' default message.max.bytes
 # (1 MiB), which applies to a whole batch.
 MAX_BATCH_BYTES = 512 * 1024
-RETRY_LOG_INTERVAL_S = 5.0
 
 
 Clients = tuple[AIOKafkaConsumer, AIOKafkaProducer]

@@ -28,7 +28,6 @@ class Telemetry:
         self._handlers: dict[type, Callable[[Any], None]] = {
             facts.Consumed: self._consumed,
             facts.Joined: self._joined,
-            facts.Revived: lambda f: None,
             facts.Skipped: self._skipped,
             facts.DeadLettered: self._dead_lettered,
             facts.DeadLetterDelivered: self._dead_letter_delivered,

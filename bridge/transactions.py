@@ -97,8 +97,10 @@ class TransactionalOutbox:
     # --- effects -------------------------------------------------------------------------
 
     def apply(self, effects: Iterable[Effect]) -> None:
+        queued = False
         for effect in effects:
             if isinstance(effect, Publish):
+                queued = True
                 assert effect.partition is not None, "exactly-once records name a partition"
                 lane = self._lanes.get(effect.partition)
                 if lane is None:
@@ -110,7 +112,8 @@ class TransactionalOutbox:
                 self._telemetry.observe((effect,))
                 for listener in self.listeners:
                     listener(effect)
-        self._count_pending()
+        if queued:  # the other changes to the count recount where they happen
+            self._count_pending()
 
     def _count_pending(self) -> None:
         pending = sum(len(w) for w in self._waiting.values()) + sum(

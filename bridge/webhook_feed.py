@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -25,8 +24,16 @@ from bridge.clock import Clock
 from bridge.config import Config
 from bridge.core import Core
 from bridge.facts import Effect
+from bridge.messages import parse_timestamp
 from bridge.outbox import AnyOutbox
-from bridge.webhook_signature import BadDelivery, parse_delivery
+from bridge.webhook_signature import (
+    APPLIED_BY_HEADER,
+    ID_HEADER,
+    RECEIVED_AT_HEADER,
+    RECEIVED_BY_HEADER,
+    BadDelivery,
+    parse_delivery,
+)
 
 log = structlog.get_logger("wavespeed_bridge.webhooks")
 
@@ -48,7 +55,6 @@ class WebhookFeed:
         self._topic = config.webhooks.topic
         self._ttl = config.webhooks.pending_ttl_s
         self.replica = replica
-        self.running = True
         self._marks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -73,7 +79,7 @@ class WebhookFeed:
                 await consumer.seek_to_end(tp)
 
     async def run(self) -> None:
-        while self.running:
+        while True:
             try:
                 batch = await self._consumer.getmany(timeout_ms=200)
             except KafkaError as exc:
@@ -88,22 +94,25 @@ class WebhookFeed:
     def _take(self, record: ConsumerRecord[bytes, bytes]) -> None:
         headers = {k: v or b"" for k, v in (record.headers or ())}
         task_id = (record.key or b"").decode("utf-8", "replace")
-        if "applied-by" in headers:
-            if headers["applied-by"].decode("utf-8", "replace") != self.replica:
+        if APPLIED_BY_HEADER in headers:
+            if headers[APPLIED_BY_HEADER].decode("utf-8", "replace") != self.replica:
                 self._core.delivery_applied(task_id)
             return
         parsed = parse_delivery(record.value or b"")
         if isinstance(parsed, BadDelivery):  # the receiver checked it; written by another tool?
             log.warning("unreadable record on the webhook topic", reason=parsed.reason)
             return
-        received = _unix(headers.get("received-at")) or record.timestamp / 1000.0
+        received = parse_timestamp(headers.get(RECEIVED_AT_HEADER, b"").decode("utf-8", "replace"))
+        if received is None:  # not from our receiver: when the broker took it
+            received = record.timestamp / 1000.0
         self._outbox.apply(
             self._core.on_delivery(
                 parsed.task_id,
                 parsed.outcome,
-                webhook_id=headers.get("webhook-id", b"").decode("utf-8", "replace"),
+                webhook_id=headers.get(ID_HEADER, b"").decode("utf-8", "replace"),
                 received=received,
-                mine=headers.get("received-by", b"").decode("utf-8", "replace") == self.replica,
+                mine=headers.get(RECEIVED_BY_HEADER, b"").decode("utf-8", "replace")
+                == self.replica,
                 at=self._clock.read(),
             )
         )
@@ -116,7 +125,7 @@ class WebhookFeed:
             mark.add_done_callback(self._marks.discard)
 
     async def _mark(self, task_id: str, webhook_id: str) -> None:
-        headers = [("applied-by", self.replica.encode()), ("webhook-id", webhook_id.encode())]
+        headers = [(APPLIED_BY_HEADER, self.replica.encode()), (ID_HEADER, webhook_id.encode())]
         with contextlib.suppress(Exception):  # advisory: a lost mark only costs a count
             await self._producer.send(self._topic, key=task_id.encode(), value=b"", headers=headers)
 
@@ -125,12 +134,3 @@ class WebhookFeed:
             mark.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._consumer.stop(), 5.0)
-
-
-def _unix(text: bytes | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.decode().replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

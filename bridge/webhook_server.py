@@ -45,6 +45,10 @@ from bridge.config import WebhooksConfig
 from bridge.events import rfc3339
 from bridge.metrics import Metrics
 from bridge.webhook_signature import (
+    ID_HEADER,
+    RECEIVED_AT_HEADER,
+    RECEIVED_BY_HEADER,
+    TIMESTAMP_HEADER,
     BadDelivery,
     Rejected,
     ReplayGuard,
@@ -164,10 +168,6 @@ class WebhookServer:
         self.port = config.port
 
     @property
-    def replay_guard(self) -> ReplayGuard:
-        return self._guard
-
-    @property
     def active(self) -> int:
         """Requests being processed now (the concurrency cap counts these)."""
         return self._active
@@ -261,10 +261,10 @@ class WebhookServer:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._inflight[wid] = done
         headers: RecordHeaders = [
-            ("webhook-id", wid.encode()),
-            ("webhook-timestamp", raw.encode()),
-            ("received-at", rfc3339(self._clock.time()).encode()),
-            ("received-by", self._replica.encode()),
+            (ID_HEADER, wid.encode()),
+            (TIMESTAMP_HEADER, raw.encode()),
+            (RECEIVED_AT_HEADER, rfc3339(self._clock.time()).encode()),
+            (RECEIVED_BY_HEADER, self._replica.encode()),
         ]
         try:
             async with asyncio.timeout(self._config.publish_timeout_s):

@@ -48,6 +48,10 @@ MAX_AGE_S = 300.0  # the documented WebhookMaxAgeSeconds
 ID_HEADER = "webhook-id"
 TIMESTAMP_HEADER = "webhook-timestamp"
 SIGNATURE_HEADER = "webhook-signature"
+# Added by the receiver to the webhook topic's records, and read back by every replica.
+RECEIVED_AT_HEADER = "received-at"
+RECEIVED_BY_HEADER = "received-by"
+APPLIED_BY_HEADER = "applied-by"  # a replica acted on this task's delivery
 
 # A webhook-id is echoed into logs and Kafka headers: visible ASCII only, bounded.
 _WEBHOOK_ID = re.compile(r"[\x21-\x7e]{1,256}")
@@ -56,7 +60,6 @@ _MAX_SIGNATURES = 8  # more entries than any rotation needs: refused, bounding t
 _MAX_SIGNATURE_HEADER = 1024
 
 Reason = Literal["unsigned", "bad_signature", "stale", "future", "malformed"]
-REASONS: tuple[Reason, ...] = ("unsigned", "bad_signature", "stale", "future", "malformed")
 
 
 @dataclass(frozen=True, slots=True)
