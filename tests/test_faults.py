@@ -208,11 +208,16 @@ async def _api_outage_scenario(broker: Broker, mode: str) -> dict[str, object]:
             )
             await read_all(broker.bootstrap, [names.completed], expect=1, timeout=10)
             sim.set_faults(outage_s=60, outage_mode=mode)
-            await asyncio.sleep(5)
-            during = await scrape(bridge.server.port)
+            during = await scrape_until(  # the bridge has met the outage
+                bridge.server.port,
+                lambda t: (
+                    metric_value(t, "wavespeed_bridge_api_up") == 0
+                    and metric_value(t, "wavespeed_bridge_api_errors_total") > 0
+                ),
+            )
             ready_during = bridge.readiness()[0]
-            await asyncio.sleep(56)
-            got = await read_all(broker.bootstrap, names.outputs, expect=3, timeout=20)
+            # The last event needs the API back: waiting for it outlasts the 60 s outage.
+            got = await read_all(broker.bootstrap, names.outputs, expect=3, timeout=90)
     finally:
         await sim.stop()
     events = {r.event["subject"]: r.event for r in got}
@@ -286,13 +291,7 @@ async def test_broker_restart_mid_flow_loses_nothing_and_resumes_by_itself(
         await asyncio.sleep(down_for)
         own.start()
         await own.wait_ready()
-        got = await read_all(
-            own.bootstrap,
-            [names.completed],
-            timeout=60,
-            settle=1.0,
-            until=lambda rs: set(subjects(rs)) >= set(tasks),
-        )
+        got = await read_every_task(own.bootstrap, [names.completed], tasks, timeout=60)
         await wait_until(lambda: bridge.readiness()[0], timeout=30)
         positions = await wait_for_commits(own.bootstrap, names.group, names.input, 2, total=60)
     counts = subjects(got)
@@ -318,11 +317,6 @@ async def _restart_of_a_broker_without_a_log(sim: Simulator, own: OwnBroker) -> 
             sim, [{"model": "m", "duration_s": 0.1, "outcome": "completed"} for _ in range(3)]
         )
         await produce(own.bootstrap, names.input, tasks)
-        got = await read_all(
-            own.bootstrap,
-            [names.completed],
-            timeout=60,
-            until=lambda rs: set(subjects(rs)) >= set(tasks),
-        )
+        got = await read_every_task(own.bootstrap, [names.completed], tasks, timeout=60, settle=0.0)
         assert set(subjects(got)) == set(tasks)
         await wait_until(lambda: bridge.readiness()[0], timeout=10)

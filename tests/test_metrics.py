@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from tests.helpers import (
     produce,
     read_all,
     running_bridge,
-    scrape,
+    scrape_until,
     sim_create,
 )
 
@@ -60,12 +58,7 @@ async def test_live_scrape_passes_promtool_and_probes_answer(
         # The learned completion times are exported at the next gauge update: wait for the
         # model asserted below, not for any model (the failed task's may come first).
         learned = 'wavespeed_bridge_model_completion_seconds{model="wavespeed-ai/flux-dev"'
-        deadline = time.monotonic() + 10
-        text = await scrape(bridge.server.port)
-        while learned not in text:
-            assert time.monotonic() < deadline, "no learned completion time exported"
-            await asyncio.sleep(0.2)
-            text = await scrape(bridge.server.port)
+        text = await scrape_until(bridge.server.port, lambda t: learned in t, timeout=10)
         async with httpx.AsyncClient() as client:
             base = f"http://127.0.0.1:{bridge.server.port}"
             assert (await client.get(f"{base}/healthz")).status_code == 200

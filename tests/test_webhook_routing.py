@@ -21,9 +21,9 @@ from bridge.local.simulator import Simulator
 from bridge.webhook_signature import signed_headers
 from tests.helpers import (
     Names,
-    Received,
     config_data,
     create_topics,
+    has_partitions,
     make_config,
     metric_value,
     produce,
@@ -33,6 +33,7 @@ from tests.helpers import (
     scrape_until,
     sim_create,
     spawn_daemon,
+    subjects,
     wait_until,
 )
 
@@ -73,13 +74,6 @@ def _answered(sim: Simulator, ids: list[str]) -> int:
     return sum(1 for a in sim.webhook_attempts if a.task_id in wanted and a.status is not None)
 
 
-def _events(got: list[Received]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in got:
-        out[r.event["subject"]] = out.get(r.event["subject"], 0) + 1
-    return out
-
-
 async def test_a_delivery_received_by_one_replica_is_applied_by_the_owner(
     broker: Broker, sim: Simulator, names: Names
 ) -> None:
@@ -91,7 +85,8 @@ async def test_a_delivery_received_by_one_replica_is_applied_by_the_owner(
         running_bridge(a_cfg, webhook_secret=secret) as a,
         running_bridge(b_cfg, webhook_secret=secret) as b,
     ):
-        await wait_until(lambda: _owns(a) and _owns(b), timeout=30)  # one partition each
+        # One partition each.
+        await wait_until(lambda: has_partitions(a) and has_partitions(b), timeout=30)
         # Every delivery goes to replica a, whichever replica tracks the task.
         ids = await sim_create(
             sim, [{"model": "m", "duration_s": 0.5, "webhook": _url(a)} for _ in range(20)]
@@ -102,7 +97,7 @@ async def test_a_delivery_received_by_one_replica_is_applied_by_the_owner(
         # The receiver counts a delivery before it answers, and the simulator records the answer.
         await wait_until(lambda: _answered(sim, ids) == 20, timeout=10)
         text_a, text_b = await scrape(a.server.port), await scrape(b.server.port)
-    events = _events(got)
+    events = subjects(got)
     received_a = metric_value(
         text_a, "wavespeed_bridge_webhook_deliveries_total", result="accepted"
     )
@@ -137,10 +132,6 @@ def _deliveries(text: str, result: str) -> float:
     return metric_value(text, DELIVERIES, result=result)
 
 
-def _owns(bridge: Bridge) -> bool:
-    return bool(bridge.metrics.assigned_partitions._value.get() > 0)
-
-
 async def test_forged_stale_replayed_and_oversized_deliveries_change_nothing(
     broker: Broker, sim: Simulator, names: Names
 ) -> None:
@@ -168,8 +159,10 @@ async def test_forged_stale_replayed_and_oversized_deliveries_change_nothing(
                     headers=signed_headers(secret, "msg_4", now, b"x" * 10_000),
                 ),
             }
-            await asyncio.sleep(1.0)  # had any of them been applied, the event would be out
-            before = await read_all(broker.bootstrap, [names.completed], timeout=1.0)
+            # Had any of them been applied, its event would be out within this window.
+            before = await read_all(
+                broker.bootstrap, [names.completed], timeout=2.0, until=lambda rs: bool(rs)
+            )
             still_tracked = task in bridge.tasks
             accepted = await client.post(url, content=body, headers=good)
             replayed = await client.post(url, content=body, headers=good)
@@ -213,7 +206,7 @@ async def test_every_task_still_finishes_when_every_delivery_is_lost(
         await produce(broker.bootstrap, names.input, ids)
         got = await read_all(broker.bootstrap, [names.completed], expect=20, timeout=40)
         text = await scrape(bridge.server.port)
-    assert sorted(_events(got)) == sorted(ids)
+    assert sorted(subjects(got)) == sorted(ids)
     assert len(sim.webhooks_lost) == 20
     assert metric_value(text, FINISHED) == 0
     assert _polls(sim, ids) >= 20  # every task found by polling
@@ -229,13 +222,8 @@ async def test_a_delivery_before_its_task_id_is_applied_when_the_id_arrives(
             sim, [{"model": "m", "duration_s": 0.2, "webhook": _url(bridge)}]
         )
 
-        async def received() -> bool:
-            return _deliveries(await scrape(bridge.server.port), "accepted") > 0
-
-        deadline = time.monotonic() + 20
-        while not await received():  # the delivery is in before the task id
-            assert time.monotonic() < deadline, "no delivery received"
-            await asyncio.sleep(0.1)
+        # The delivery is in before the task id.
+        await scrape_until(bridge.server.port, lambda t: _deliveries(t, "accepted") > 0, timeout=20)
         await produce(broker.bootstrap, names.input, [task])
         got = await read_all(broker.bootstrap, [names.completed], expect=1, timeout=20)
     assert [r.event["subject"] for r in got] == [task]
