@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, MessageSizeTooLargeError, ProducerFenced
 from aiokafka.structs import OffsetAndMetadata
 
 from bridge import kafka as kafka_io
@@ -227,10 +227,13 @@ class TransactionalOutbox:
     async def commit(self, *, only: set[Partition] | None = None, timeout: float = 10.0) -> None:
         """Commit each partition's transaction (its offset added), each in its own task: a
         commit is never cancelled half way (a caller's timeout only stops the waiting)."""
-        parts = set(self._core.offsets.partitions()) | set(self._lanes) | set(self._waiting)
+        tracked = set(self._core.offsets.partitions())
+        parts = tracked | set(self._lanes) | set(self._waiting)
         if only is not None:
             parts &= only
-        missing = {p for p in parts if p not in self._lanes}
+        # Only a partition this member tracks gets its transactional id initialised here:
+        # initialising one it does not own would fence the owner and commit behind its back.
+        missing = (parts & tracked) - set(self._lanes)
         if missing:
             await self.open(missing)
         for part in sorted(parts):
@@ -279,7 +282,8 @@ class TransactionalOutbox:
                 core.reset(part)
                 self._drop(lane)
                 return
-            except (KafkaError, TimeoutError, _Failed) as exc:
+            # IllegalOperation: the producer left the transaction after an error of its own.
+            except (KafkaError, TimeoutError, IllegalOperation, _Failed) as exc:
                 metrics.transactions.labels("aborted").inc()
                 cause = exc.__cause__ if isinstance(exc, _Failed) else exc
                 log.warning(
@@ -287,9 +291,11 @@ class TransactionalOutbox:
                     partition=part[1],
                     error=repr(cause),
                 )
+                ours = self._lanes.get(part) is lane  # else closed: the partition left here
                 await self._abort(lane)
-                core.reset(part)
-                await self._restart(part)
+                if ours:
+                    core.reset(part)
+                    await self._restart(part)
                 return
             finally:
                 lane.open = False
