@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from bridge import __version__
 from bridge import kafka as kafka_io
 from bridge.api import ApiClient
+from bridge.bounded import StartupTimeout, bounded, startup_limit_s
 from bridge.clock import Clock, SystemClock
 from bridge.commits import Committer
 from bridge.config import Config
@@ -32,6 +33,7 @@ from bridge.core import Core, Partition
 from bridge.dispatch import Dispatcher
 from bridge.health import KafkaHealth
 from bridge.intake import Intake
+from bridge.membership import Membership, State, deadline_s
 from bridge.metrics import Metrics
 from bridge.outbox import AnyOutbox, Outbox, Publisher
 from bridge.policy import FixedInterval, PollPolicy, retry_delay
@@ -99,10 +101,16 @@ class Bridge:
             alive=self.liveness,
         )
         self._stopping = self._started = self._assigned_once = False
+        # Exit status of run(): 3 when this member waited past its deadline for an
+        # assignment, so that the orchestrator starts a fresh one; 1 if start-up hung.
+        self.exit_code = 0
+        self.membership = Membership(deadline_s(config.kafka), self.clock.monotonic())
+        self._stop: asyncio.Event | None = None
         self._committer: Committer | None = None
         self._outbox: AnyOutbox | None = None
         self._dispatcher: Dispatcher | None = None
         self._intake: Intake | None = None
+        self._listener: Rebalance | None = None
 
     # --- state, for probes and tests ---------------------------------------------------------
 
@@ -144,6 +152,7 @@ class Bridge:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
+        self._stop = stop
         await self.server.start()
         log.info(
             "starting",
@@ -159,6 +168,9 @@ class Bridge:
             clients = await self.kafka.connect(stop)
             if clients is not None:
                 await self._serve(*clients, stop)
+        except StartupTimeout as exc:  # said where it expired; a restart may do better
+            log.error("start-up did not complete, exiting", waited_for=str(exc))
+            self.exit_code = 1
         finally:
             await self._close(clients)
 
@@ -180,7 +192,12 @@ class Bridge:
                 await intake.restart(part)
 
             outbox = transactions = TransactionalOutbox(
-                core=core, telemetry=self.telemetry, clock=self.clock, config=cfg, restart=restart
+                core=core,
+                telemetry=self.telemetry,
+                clock=self.clock,
+                config=cfg,
+                restart=restart,
+                fenced=lambda part: intake.fenced(part),
             )
         else:
             outbox = Outbox(publisher, core, self.telemetry, self.clock)
@@ -210,13 +227,16 @@ class Bridge:
             interval_s=cfg.kafka.commit_interval_s,
             transactions=transactions,
         )
-        listener = Rebalance(
+        listener = self._listener = Rebalance(
             core=core,
             intake=intake,
             outbox=outbox,
             committer=committer,
+            on_revoked=lambda: self.membership.revoked(self.clock.monotonic()),
             on_assigned=self._assigned,
         )
+        self.membership = Membership(deadline_s(cfg.kafka), self.clock.monotonic())
+        self.metrics.group_join_deadline.set(self.membership.deadline_s)
         consumer.subscribe([cfg.kafka.input_topic], listener=listener)
         feed = await self._start_webhooks(producer, outbox) if cfg.webhooks.enabled else None
         self._started = True
@@ -253,8 +273,8 @@ class Bridge:
         cfg = self.config
         if not self.webhook_secret:
             raise RuntimeError("webhooks.enabled needs the webhook secret")
+        limit = startup_limit_s(cfg.kafka)
         reader = kafka_io.make_reader(cfg.kafka)
-        await reader.start()
         feed = WebhookFeed(
             reader,
             producer,
@@ -264,7 +284,13 @@ class Bridge:
             config=cfg,
             replica=self.replica,
         )
-        await feed.start()
+        try:
+            await bounded(reader.start(), limit, "the webhook topic's reader to connect")
+            await bounded(feed.start(), limit, "the webhook topic's partitions and offsets")
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.stop(), 5.0)
+            raise StartupTimeout("the webhook topic's reader") from None
         outbox.listeners.append(feed.note)
         self.webhook_server = WebhookServer(
             cfg.webhooks,
@@ -274,7 +300,11 @@ class Bridge:
             clock=self.clock,
             replica=self.replica,
         )
-        await self.webhook_server.start()
+        try:
+            await bounded(self.webhook_server.start(), limit, "the webhook receiver to listen")
+        except TimeoutError:
+            await feed.close()
+            raise StartupTimeout("the webhook receiver") from None
         self.metrics.webhooks_enabled.set(1)
         log.info(
             "webhook receiver listening",
@@ -285,6 +315,25 @@ class Bridge:
 
     def _assigned(self) -> None:
         self._assigned_once = True
+        self.membership.assigned(self.clock.monotonic())
+
+    def _watch_membership(self) -> None:
+        """Metrics of this member's place in the group; exit when it waited too long."""
+        now = self.clock.monotonic()
+        verdict = self.membership.check(now, self.kafka.ok)
+        self.metrics.group_unassigned.set(verdict.waited_s)
+        self.metrics.rebalances_per_minute.set(self.membership.rebalances_per_minute(now))
+        if verdict.state is State.STUCK and self.exit_code == 0:
+            log.error(
+                "no group assignment in time, exiting so that a fresh member joins",
+                waited_s=round(verdict.waited_s, 1),
+                deadline_s=self.membership.deadline_s,
+                group_id=self.config.kafka.group_id,
+                exit_code=3,
+            )
+            self.exit_code = 3
+            if self._stop is not None:
+                self._stop.set()
 
     async def _health_loop(
         self,
@@ -302,6 +351,7 @@ class Bridge:
                 if transactions is not None:
                     transactions.hold_topics(held)
             self.metrics.ready.set(1 if self.readiness()[0] else 0)
+            self._watch_membership()
             await asyncio.sleep(self.config.kafka.health_check_interval_s)
 
     async def _shutdown(self, loops: list[asyncio.Task[object]]) -> None:
@@ -312,6 +362,8 @@ class Bridge:
         self.metrics.ready.set(0)
         grace_end = time.monotonic() + self.config.shutdown_grace_s
         log.info("stopping", in_flight=len(self.tasks), publishing=len(self.publishing))
+        if self._listener is not None:  # a rebalance under way ends before what follows
+            await self._listener.close(self.config.shutdown_grace_s / 2)
         # Python 3.11's wait_for can swallow a cancel that races its inner task: the loops
         # also check their flag, so none runs on regardless.
         self._intake.running = self._dispatcher.running = self._committer.running = False

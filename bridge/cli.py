@@ -27,13 +27,14 @@ def _load(path: str | None) -> Config:
         raise SystemExit(2) from None
 
 
-async def _run(config: Config, api_key: str | None, webhook_secret: str | None) -> None:
+async def _run(config: Config, api_key: str | None, webhook_secret: str | None) -> int:
     from bridge.app import Bridge
 
     bridge = Bridge(config, api_key=api_key, webhook_secret=webhook_secret)
     stop = asyncio.Event()
     _install_signals(stop)
     await bridge.run(stop)
+    return bridge.exit_code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -72,8 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=config.logging.level,
         secrets=(api_key, sasl_password, *secret_forms(webhook_secret)),
     )
-    asyncio.run(_run(config, api_key, webhook_secret))
-    return 0
+    return asyncio.run(_run(config, api_key, webhook_secret))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -52,6 +52,8 @@ class KafkaConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
+    # How long the coordinator waits for every member to rejoin in a rebalance.
+    rebalance_timeout_ms: int = 60_000
     request_timeout_ms: int = 30_000
     fetch_max_records: int = 500
     max_message_bytes: int = 1_048_576
@@ -371,6 +373,7 @@ def _check(config: Config, problems: list[str]) -> None:
         ("kafka.session_timeout_ms", k.session_timeout_ms),
         ("kafka.heartbeat_interval_ms", k.heartbeat_interval_ms),
         ("kafka.max_poll_interval_ms", k.max_poll_interval_ms),
+        ("kafka.rebalance_timeout_ms", k.rebalance_timeout_ms),
         ("kafka.request_timeout_ms", k.request_timeout_ms),
         ("kafka.fetch_max_records", k.fetch_max_records),
         ("kafka.max_message_bytes", k.max_message_bytes),

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from bridge import kafka as kafka_io
+from bridge.bounded import bounded, startup_limit_s
 from bridge.config import KafkaConfig
 from bridge.metrics import Metrics
 
@@ -37,12 +38,13 @@ class KafkaHealth:
         while not stop.is_set():
             consumer = kafka_io.make_consumer(self._config)
             producer = kafka_io.make_producer(self._config)
+            limit = startup_limit_s(self._config)
             try:
-                await producer.start()
-                await consumer.start()
+                await bounded(producer.start(), limit, "the producer to connect")
+                await bounded(consumer.start(), limit, "the consumer to connect")
                 self.reachable()
                 return consumer, producer
-            except KafkaError as exc:
+            except (KafkaError, TimeoutError) as exc:
                 await self.failed(exc, retry_in_s=delay)
                 for client in (producer, consumer):
                     with contextlib.suppress(Exception):

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from bridge import kafka as kafka_io
+from bridge.bounded import bounded
 from bridge.clock import Clock
 from bridge.config import Config
 from bridge.core import Core, Partition
@@ -49,6 +50,8 @@ class Intake:
         self._next_offset: dict[Partition, int] = {}
         self._started: set[Partition] = set()  # partitions whose start the listener decided
         self._early: dict[Partition, int] = {}  # lowest offset fetched before that
+        self.epoch = 0  # one more at every revocation and assignment
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         consumer = self._consumer
@@ -161,13 +164,18 @@ class Intake:
             starts = await kafka_io.committed_offsets(consumer, assigned)
             missing = [tp for tp in assigned if tp not in starts]
             if missing:
-                reset = (
-                    consumer.beginning_offsets
-                    if self._config.kafka.auto_offset_reset == "earliest"
-                    else consumer.end_offsets
+                earliest = self._config.kafka.auto_offset_reset == "earliest"
+                reset = consumer.beginning_offsets if earliest else consumer.end_offsets
+                found = await bounded(
+                    reset(missing),
+                    kafka_io.OFFSETS_TIMEOUT_S,
+                    f"the {'beginning' if earliest else 'end'} offsets of {len(missing)}"
+                    " partitions without a commit",
                 )
-                starts |= {tp: (offset, "") for tp, offset in (await reset(missing)).items()}
-        except (KafkaError, TimeoutError) as exc:  # aiokafka's own reset applies then
+                starts |= {tp: (offset, "") for tp, offset in found.items()}
+        except TimeoutError:  # said by bounded(); aiokafka's own reset applies then
+            return {(tp.topic, tp.partition): (None, "") for tp in assigned}
+        except KafkaError as exc:
             log.warning("start offsets unknown", error=type(exc).__name__)
             return {(tp.topic, tp.partition): (None, "") for tp in assigned}
         return {(tp.topic, tp.partition): start for tp, start in starts.items()}
@@ -183,6 +191,7 @@ class Intake:
                 self._next_offset[part] = offset
             self._started.add(part)
         if rebalanced:
+            self.rebalancing()
             self._paused = set()  # a new assignment starts with every partition resumed
         self._update_pauses()
 
@@ -191,6 +200,33 @@ class Intake:
         starts = await self.start_offsets({TopicPartition(*part)})
         self._outbox.apply(self._core.assign(starts, complete=False))
         self.seek(starts, rebalanced=False)
+
+    def rebalancing(self) -> None:
+        """A revocation or an assignment: work begun for the old assignment is stale."""
+        self.epoch += 1
+
+    def fenced(self, part: Partition) -> None:
+        """Another member initialised ``part``'s transactional id: stop taking its records.
+
+        Normally this member is out of date and learns of the rebalance at its next
+        heartbeat. If it still holds the partition, with no rebalance, after two session
+        timeouts, the fence came from a member that has rejoined since: the partition
+        starts again here from its committed offset.
+        """
+        self.forget({part})
+        epoch = self.epoch
+        grace = 2 * self._config.kafka.session_timeout_ms / 1000
+        asyncio.get_running_loop().call_later(grace, self._recheck, part, epoch)
+
+    def _recheck(self, part: Partition, epoch: int) -> None:
+        if not self.running or epoch != self.epoch or part in self._started:
+            return
+        if TopicPartition(*part) not in self._consumer.assignment():
+            return
+        log.warning("fenced partition still assigned here: starting it again", partition=part[1])
+        task = asyncio.create_task(self.restart(part), name=f"restart-{part[1]}")
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
 
     def forget(self, partitions: set[Partition]) -> None:
         for part in partitions:

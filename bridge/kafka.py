@@ -6,13 +6,11 @@ without InitProducerId, such as Tansu); everything else is plain Kafka protocol.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.conn import create_conn
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import (
     CorruptRecordException,
@@ -22,6 +20,7 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
+from bridge.bounded import bounded
 from bridge.config import KafkaConfig, read_sasl_password
 from bridge.messages import Record
 
@@ -29,9 +28,19 @@ from bridge.messages import Record
 # small batches cap events per round trip. Below the brokers' default message.max.bytes
 # (1 MiB), which applies to a whole batch.
 MAX_BATCH_BYTES = 512 * 1024
+# Reading committed, beginning or end offsets (in the rebalance listener, at start-up).
+OFFSETS_TIMEOUT_S = 10.0
 
 
 Clients = tuple[AIOKafkaConsumer, AIOKafkaProducer]
+
+# One assignor, on purpose. aiokafka (0.14 and before) sends one JoinGroup per configured
+# assignor in every join, the first naming one protocol, the next two: the second changes
+# the member's protocols, the coordinator opens a new generation, the other members' sync
+# fails and they rejoin, and members that start together can rebalance without end
+# (aiokafka PR #1168, unreleased). Sticky keeps most partitions where they were, with
+# their finished state; tests/test_group.py counts the JoinGroups of every join.
+ASSIGNORS = (StickyPartitionAssignor,)
 
 
 def client_options(config: KafkaConfig) -> dict[str, Any]:
@@ -66,10 +75,11 @@ def make_consumer(config: KafkaConfig) -> AIOKafkaConsumer:
         max_poll_records=config.fetch_max_records,
         # Only committed offsets matter; isolation keeps aborted records out on real Kafka.
         isolation_level="read_committed",
-        # aiokafka has no cooperative rebalancing; sticky keeps most partitions where they
-        # were (their finished state with them), round robin is the fallback while older
-        # members without it are still in the group.
-        partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor),
+        # Long enough for the rebalance listener's own bounds (bridge/rebalance.py): a
+        # member still revoking when it runs out is dropped from the group and rejoins,
+        # which starts another rebalance. aiokafka's default is the session timeout.
+        rebalance_timeout_ms=config.rebalance_timeout_ms,
+        partition_assignment_strategy=ASSIGNORS,
     )
 
 
@@ -143,8 +153,10 @@ async def committed_offsets(
     """The group's committed offsets of ``partitions`` with their metadata, in one request
     (those that have one)."""
     # aiokafka's public committed() asks once per partition and drops the metadata.
-    fetched = await asyncio.wait_for(
-        consumer._coordinator.fetch_committed_offsets(partitions), timeout=10.0
+    fetched = await bounded(
+        consumer._coordinator.fetch_committed_offsets(partitions),
+        OFFSETS_TIMEOUT_S,
+        f"the committed offsets of {len(partitions)} partitions",
     )
     return {tp: (meta.offset, meta.metadata or "") for tp, meta in fetched.items()}
 

@@ -246,6 +246,23 @@ class Metrics:
             f"{p}_assigned_partitions", "Input partitions assigned to this member.", registry=r
         )
         self.rebalances = Counter(f"{p}_rebalances", "Partition assignments received.", registry=r)
+        self.rebalances_per_minute = Gauge(
+            f"{p}_rebalances_per_minute",
+            "Assignments this member received in the last 60 s: 0 in a settled group.",
+            registry=r,
+        )
+        self.group_unassigned = Gauge(
+            f"{p}_group_unassigned_seconds",
+            "How long this member has waited for a group assignment while Kafka answered "
+            "(0 once assigned; it exits with code 3 past kafka.rebalance_timeout_ms x 3 + "
+            "kafka.session_timeout_ms).",
+            registry=r,
+        )
+        self.group_join_deadline = Gauge(
+            f"{p}_group_join_deadline_seconds",
+            "How long a member may wait for an assignment before it exits to be restarted.",
+            registry=r,
+        )
         self.revoked_in_flight = Counter(
             f"{p}_handed_over_tasks",
             "In-flight tasks whose partition moved to another member, which polls them again.",

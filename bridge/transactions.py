@@ -34,6 +34,7 @@ from aiokafka.errors import IllegalOperation, KafkaError, MessageSizeTooLargeErr
 from aiokafka.structs import OffsetAndMetadata
 
 from bridge import kafka as kafka_io
+from bridge.bounded import bounded
 from bridge.clock import Clock
 from bridge.config import Config
 from bridge.core import Core, Partition
@@ -43,6 +44,7 @@ from bridge.telemetry import Telemetry
 log = structlog.get_logger("wavespeed_bridge.transactions")
 
 TRANSACTION_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
 
 
 def transactional_id(config: Config, part: Partition) -> str:
@@ -52,6 +54,11 @@ def transactional_id(config: Config, part: Partition) -> str:
 
 class _Failed(Exception):
     """The lane's transaction cannot commit: abort it."""
+
+
+def _fenced(exc: BaseException) -> bool:
+    """Fenced, whether at the commit or earlier, when a record was sent into it."""
+    return isinstance(exc, ProducerFenced) or isinstance(exc.__cause__, ProducerFenced)
 
 
 class _Lane:
@@ -80,11 +87,13 @@ class TransactionalOutbox:
         clock: Clock,
         config: Config,
         restart: Callable[[Partition], Awaitable[None]],
+        fenced: Callable[[Partition], None] = lambda part: None,
         make_producer: Callable[[str], AIOKafkaProducer] | None = None,
     ) -> None:
         self._core, self._telemetry, self._clock = core, telemetry, clock
         self._config = config
         self._restart = restart  # fetch the partition again from its committed offset
+        self._fenced = fenced  # stop taking the partition's records: another member has it
         self._make_producer = make_producer or (
             lambda tid: kafka_io.make_producer(config.kafka, transactional_id=tid)
         )
@@ -156,17 +165,28 @@ class TransactionalOutbox:
         """After the partitions' last commit: stop their producers."""
         running = [self._busy[p] for p in partitions if p in self._busy]
         if running:
-            await asyncio.wait(running, timeout=TRANSACTION_TIMEOUT_S)
+            _, late = await asyncio.wait(running, timeout=TRANSACTION_TIMEOUT_S)
+            if late:
+                log.warning(
+                    "gave up waiting",
+                    waited_for=f"{len(late)} transactions of closing partitions to commit",
+                    limit_s=TRANSACTION_TIMEOUT_S,
+                )
+        lanes = []
         for part in partitions:
             self._waiting.pop(part, None)
             lane = self._lanes.pop(part, None)
-            if lane is None:
-                continue
-            if lane.feeder is not None:
-                lane.feeder.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(lane.producer.stop(), 5.0)
+            if lane is not None:
+                if lane.feeder is not None:
+                    lane.feeder.cancel()
+                lanes.append(lane)
+        await asyncio.gather(*(self._stop(lane) for lane in lanes))
         self._count_pending()
+
+    @staticmethod
+    async def _stop(lane: _Lane) -> None:
+        with contextlib.suppress(Exception):
+            await bounded(lane.producer.stop(), STOP_TIMEOUT_S, f"producer of {lane.part} to stop")
 
     def _drop(self, lane: _Lane) -> None:
         """Forget a lane whose producer cannot go on; stopped in the background."""
@@ -273,17 +293,22 @@ class TransactionalOutbox:
                     )
                 await asyncio.wait_for(lane.producer.commit_transaction(), TRANSACTION_TIMEOUT_S)
                 await asyncio.gather(*(f for _, f in sent if f is not None))
-            except ProducerFenced:
-                # Another member initialised this partition's id: it owns the partition now.
-                metrics.transactions.labels("fenced").inc()
-                log.warning(
-                    "transactional id fenced: the partition has a new owner", partition=part[1]
-                )
-                core.reset(part)
-                self._drop(lane)
-                return
             # IllegalOperation: the producer left the transaction after an error of its own.
             except (KafkaError, TimeoutError, IllegalOperation, _Failed) as exc:
+                if _fenced(exc):
+                    # Another member initialised this partition's id: it owns the partition
+                    # now. Its records are no longer taken here (taken after the fence, they
+                    # would open the id again, fence the owner and commit past what this
+                    # transaction held); the group's next assignment says where it is.
+                    metrics.transactions.labels("fenced").inc()
+                    log.warning(
+                        "transactional id fenced: the partition has a new owner",
+                        partition=part[1],
+                    )
+                    self._fenced(part)
+                    core.reset(part)
+                    self._drop(lane)
+                    return
                 metrics.transactions.labels("aborted").inc()
                 cause = exc.__cause__ if isinstance(exc, _Failed) else exc
                 log.warning(

@@ -78,6 +78,8 @@ REQUIRED_ALERTS = {
     "WavespeedBridgeConsumerLagGrowing",
     "WavespeedBridgeNotReady",
     "WavespeedBridgeWebhooksStopped",
+    "WavespeedBridgeMemberUnassigned",
+    "WavespeedBridgeGroupNotSettling",
 }
 REQUIRED_PANELS = {
     "Throughput by outcome",

@@ -635,15 +635,17 @@ async def test_record_with_non_utf8_header_key_is_dead_lettered(
     await create_topics(broker, names)
     ids = await sim_create(sim, [{"model": "m", "duration_s": 0.05} for _ in range(2)])
     config = make_config(broker, sim.base_url, names)
+    # Produced before the bridge starts: the patch swaps aiokafka's batch builder for the
+    # whole process, and a bridge producing meanwhile would build its batches with it.
+    await _produce_with_raw_header_key(
+        broker.bootstrap,
+        names.input,
+        [ids[0].encode(), b"ok-value", ids[1].encode()],
+        1,
+        monkeypatch,
+    )
     async with running_bridge(config) as bridge:
-        await _produce_with_raw_header_key(
-            broker.bootstrap,
-            names.input,
-            [ids[0].encode(), b"ok-value", ids[1].encode()],
-            1,
-            monkeypatch,
-        )
-        got = await _outputs_or_dead_bridge(broker, names, bridge, expect=3, timeout=5)
+        got = await _outputs_or_dead_bridge(broker, names, bridge, expect=3, timeout=30)
         ready = bridge.readiness()
     assert ready == (True, "ready")
     assert _accounting(names, got) == Counter({0: 1, 1: 1, 2: 1})
