@@ -85,7 +85,7 @@ async def _fetcher(
             return r.status_code
 
         return fetch_httpx, hx.aclose
-    from bridge.api import ApiClient
+    from bridge.edges.api import ApiClient
 
     api = ApiClient(
         base_url=base_url,

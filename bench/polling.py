@@ -36,18 +36,18 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bridge import facts
-from bridge.adaptive import AdaptivePolicy
-from bridge.clock import ManualClock
 from bridge.config import ModelClass, PollingConfig, build_config
-from bridge.core import SWEEP_INTERVAL_S, Core
-from bridge.facts import Effect, Publish
-from bridge.messages import Record
-from bridge.outcomes import Kind, Outcome, Prediction
-from bridge.policy import FixedInterval, PollPolicy, clamp_to_deadline
-from bridge.scheduler import TokenBucket
-from bridge.tasks import Task
-from bridge.webhook_policy import WebhookAware
+from bridge.core import facts
+from bridge.core.adaptive import AdaptivePolicy
+from bridge.core.book import SWEEP_INTERVAL_S, Core
+from bridge.core.clock import ManualClock
+from bridge.core.facts import Effect, Publish
+from bridge.core.messages import Record
+from bridge.core.outcomes import Kind, Outcome, Prediction
+from bridge.core.policy import FixedInterval, PollPolicy, clamp_to_deadline
+from bridge.core.scheduler import TokenBucket
+from bridge.core.tasks import Task
+from bridge.core.webhook_policy import WebhookAware
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAMBDA = PollingConfig().poll_cost_s  # seconds of detection delay one poll is worth

@@ -47,12 +47,12 @@ import httpx
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from bridge import logs
-from bridge.app import Bridge
 from bridge.config import Config, build_config
+from bridge.edges import logs
 from bridge.local.broker import free_port
 from bridge.local.simulator import Simulator
 from bridge.local.tansu import TansuBroker
+from bridge.shell.app import Bridge
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "helm" / "wavespeed-bridge" / "dashboards" / "wavespeed-bridge.json"

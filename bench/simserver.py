@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.events import rfc3339
+from bridge.core.events import rfc3339
 from bridge.local.simulator import Simulator
 
 

@@ -28,7 +28,7 @@ def _load(path: str | None) -> Config:
 
 
 async def _run(config: Config, api_key: str | None, webhook_secret: str | None) -> int:
-    from bridge.app import Bridge
+    from bridge.shell.app import Bridge
 
     bridge = Bridge(config, api_key=api_key, webhook_secret=webhook_secret)
     stop = asyncio.Event()
@@ -38,7 +38,7 @@ async def _run(config: Config, api_key: str | None, webhook_secret: str | None) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bridge import logs
+    from bridge.edges import logs
 
     config = _load(args.config)
     try:
@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from bridge.webhook_signature import secret_forms
+    from bridge.core.webhook_signature import secret_forms
 
     logs.configure(
         fmt=config.logging.format,

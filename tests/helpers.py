@@ -21,12 +21,12 @@ import httpx
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bridge.app import Bridge
 from bridge.config import Config, build_config
 from bridge.local.apache_kafka import KafkaCluster
 from bridge.local.broker import Broker, free_port
 from bridge.local.simulator import Simulator
 from bridge.local.tansu import TansuBroker
+from bridge.shell.app import Bridge
 
 API_KEY = "test-key-7f3a9c"
 

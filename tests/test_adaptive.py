@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bridge import facts
-from bridge.adaptive import EDGES, NBINS, AdaptivePolicy, solve
-from bridge.clock import ManualClock
 from bridge.config import ModelClass, PollingConfig, build_config
-from bridge.core import Core
-from bridge.facts import Publish
-from bridge.messages import Record
-from bridge.outcomes import Kind, Outcome, Prediction
-from bridge.tasks import Task
+from bridge.core import facts
+from bridge.core.adaptive import EDGES, NBINS, AdaptivePolicy, solve
+from bridge.core.book import Core
+from bridge.core.clock import ManualClock
+from bridge.core.facts import Publish
+from bridge.core.messages import Record
+from bridge.core.outcomes import Kind, Outcome, Prediction
+from bridge.core.tasks import Task
 
 IMAGE = ModelClass("*", min_interval_s=0.5, max_interval_s=30.0, median_s=5.0, p90_s=15.0)
 VIDEO = ModelClass("*video*", min_interval_s=5.0, max_interval_s=60.0, median_s=120.0, p90_s=300.0)
@@ -321,7 +321,7 @@ def _lognormal(median: float, sigma: float) -> list[float]:
 
 def _expected_cost(plan: object, median: float, sigma: float, n: int = 20_000) -> float:
     """Monte Carlo cost of following ``plan`` (no jitter) for the true distribution."""
-    from bridge.adaptive import Plan
+    from bridge.core.adaptive import Plan
 
     assert isinstance(plan, Plan)
     rng = random.Random(3)

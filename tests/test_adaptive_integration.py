@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bridge.adaptive import AdaptivePolicy
+from bridge.core.adaptive import AdaptivePolicy
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
 from tests.helpers import (

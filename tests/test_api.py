@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import wavespeed
 
-from bridge.outcomes import Kind, interpret, parse_retry_after, status_class
+from bridge.core.outcomes import Kind, interpret, parse_retry_after, status_class
 
 NOW = 1_700_000_000.0
 

@@ -11,16 +11,16 @@ from email.utils import format_datetime
 import pytest
 
 from bench.polling import ModelSpec, Workload, simulate
-from bridge.adaptive import AdaptivePolicy
-from bridge.clock import ManualClock
 from bridge.config import build_config
-from bridge.core import Core
-from bridge.facts import Publish
-from bridge.messages import Record
-from bridge.outcomes import Kind, Outcome, Prediction, interpret
-from bridge.policy import FixedInterval, retry_delay
-from bridge.scheduler import Scheduler, TokenBucket
-from bridge.tasks import Task
+from bridge.core.adaptive import AdaptivePolicy
+from bridge.core.book import Core
+from bridge.core.clock import ManualClock
+from bridge.core.facts import Publish
+from bridge.core.messages import Record
+from bridge.core.outcomes import Kind, Outcome, Prediction, interpret
+from bridge.core.policy import FixedInterval, retry_delay
+from bridge.core.scheduler import Scheduler, TokenBucket
+from bridge.core.tasks import Task
 from tests.test_adaptive import IMAGE, VIDEO, lognormal_jobs, policy, run
 
 WALL = 1_700_000_000.0

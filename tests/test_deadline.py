@@ -12,10 +12,10 @@ from datetime import datetime
 
 import pytest
 
+from bridge.core.policy import DEADLINE_GRACE_S, overdue, request_limit
+from bridge.core.tasks import Task
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
-from bridge.policy import DEADLINE_GRACE_S, overdue, request_limit
-from bridge.tasks import Task
 from tests.helpers import (
     Names,
     Received,

@@ -25,7 +25,7 @@ from cloudevents.core.bindings import kafka
 from cloudevents.v1 import kafka as v1_kafka
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from bridge.events import CONTENT_TYPE
+from bridge.core.events import CONTENT_TYPE
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
 from tests.helpers import Names, create_topics, make_config, running_bridge, sim_create

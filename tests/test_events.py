@@ -11,9 +11,15 @@ from aiokafka import ConsumerRecord
 from cloudevents.core.bindings import kafka
 from cloudevents.v1 import kafka as v1_kafka
 
-from bridge.events import CONTENT_TYPE, OutputRecord, build_event, dead_letter_record, event_record
-from bridge.kafka import to_record
-from bridge.outcomes import Prediction
+from bridge.core.events import (
+    CONTENT_TYPE,
+    OutputRecord,
+    build_event,
+    dead_letter_record,
+    event_record,
+)
+from bridge.core.outcomes import Prediction
+from bridge.edges.kafka import to_record
 
 SCHEMA = Path(__file__).resolve().parents[1] / "bridge" / "schemas" / "event.schema.json"
 

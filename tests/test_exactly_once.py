@@ -23,8 +23,8 @@ from typing import Any, Literal, cast
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bridge import kafka as kafka_io
-from bridge import offset_map
+from bridge.core import offset_map
+from bridge.edges import kafka as kafka_io
 from bridge.local.apache_kafka import KafkaCluster
 from bridge.local.broker import Broker, free_port
 from bridge.local.simulator import Simulator

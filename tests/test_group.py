@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from bridge import kafka as kafka_io
+from bridge.edges import kafka as kafka_io
 from bridge.local.broker import Broker, free_port
 from bridge.local.simulator import Simulator
 from tests.helpers import (

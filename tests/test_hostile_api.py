@@ -20,10 +20,10 @@ from aiohttp import web
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bridge.api import ApiClient
+from bridge.core.outcomes import TERMINAL, Kind, Outcome, interpret, parse_retry_after
+from bridge.edges.api import ApiClient
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
-from bridge.outcomes import TERMINAL, Kind, Outcome, interpret, parse_retry_after
 from tests.helpers import (
     API_KEY,
     Names,

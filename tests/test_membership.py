@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bridge.config import KafkaConfig
-from bridge.membership import Membership, State, deadline_s
+from bridge.core.membership import Membership, State, deadline_s
 
 
 def test_the_deadline_follows_the_rebalance_and_session_timeouts() -> None:

@@ -5,8 +5,8 @@ import json
 import pytest
 from prometheus_client import generate_latest
 
-from bridge.messages import Rejected, TaskRequest, parse_task, parse_timestamp, task_path
-from bridge.metrics import DEAD_LETTER_REASONS, Metrics
+from bridge.core.messages import Rejected, TaskRequest, parse_task, parse_timestamp, task_path
+from bridge.edges.metrics import DEAD_LETTER_REASONS, Metrics
 
 
 def parse(value: bytes | None) -> TaskRequest | Rejected:

@@ -8,7 +8,7 @@ import base64
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import offset_map
+from bridge.core import offset_map
 
 
 @given(
@@ -61,8 +61,8 @@ def test_an_empty_map_is_still_a_map() -> None:
 
 
 def test_the_planner_commits_moves_and_map_changes_and_pauses_a_full_map() -> None:
-    from bridge.commit_plan import CommitPlanner
-    from bridge.offsets import OffsetTracker
+    from bridge.core.commit_plan import CommitPlanner
+    from bridge.core.offsets import OffsetTracker
 
     offsets: OffsetTracker[str] = OffsetTracker()
     planner = CommitPlanner(offsets, limit=400)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from bridge.offsets import OffsetTracker, PartitionOffsets
+from bridge.core.offsets import OffsetTracker, PartitionOffsets
 
 
 def test_commits_only_the_finished_prefix() -> None:

@@ -29,12 +29,9 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from bridge.app import Bridge
 from bridge.config import build_config
-from bridge.events import CONTENT_TYPE, build_event, dead_letter_record, encode, event_record
-from bridge.local.broker import Broker
-from bridge.local.simulator import Simulator
-from bridge.messages import (
+from bridge.core.events import CONTENT_TYPE, build_event, dead_letter_record, encode, event_record
+from bridge.core.messages import (
     MAX_TASK_ID_LENGTH,
     Rejected,
     TaskRequest,
@@ -42,7 +39,10 @@ from bridge.messages import (
     task_path,
     valid_task_id,
 )
-from bridge.outcomes import Prediction
+from bridge.core.outcomes import Prediction
+from bridge.local.broker import Broker
+from bridge.local.simulator import Simulator
+from bridge.shell.app import Bridge
 from tests.helpers import (
     Names,
     Received,
@@ -685,7 +685,7 @@ async def test_duplicate_arriving_while_the_event_is_acknowledged_is_accounted(
 ) -> None:
     """The same id again, consumed after the first one's event was built but before the
     broker acknowledged it (acknowledgements are slowed down to make the window wide)."""
-    import bridge.outbox as outbox
+    import bridge.shell.outbox as outbox
 
     real_sent = outbox.Publisher._sent
 

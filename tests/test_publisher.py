@@ -8,8 +8,8 @@ from typing import Any
 
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
 
-from bridge.events import OutputRecord
-from bridge.outbox import Publisher
+from bridge.core.events import OutputRecord
+from bridge.shell.outbox import Publisher
 
 
 class ScriptedProducer:

@@ -19,18 +19,18 @@ from aiokafka import TopicPartition
 from aiokafka.errors import IllegalOperation, ProducerFenced
 from aiokafka.structs import ConsumerRecord
 
-from bridge.clock import ManualClock
 from bridge.config import Config, build_config
-from bridge.core import Core, Partition
-from bridge.facts import Effect, Publish
-from bridge.intake import Intake
-from bridge.messages import Record
-from bridge.metrics import Metrics
-from bridge.outcomes import Kind, Outcome, Prediction
-from bridge.policy import FixedInterval
-from bridge.rebalance import Rebalance
-from bridge.telemetry import Telemetry
-from bridge.transactions import TransactionalOutbox
+from bridge.core.book import Core, Partition
+from bridge.core.clock import ManualClock
+from bridge.core.facts import Effect, Publish
+from bridge.core.messages import Record
+from bridge.core.outcomes import Kind, Outcome, Prediction
+from bridge.core.policy import FixedInterval
+from bridge.edges.metrics import Metrics
+from bridge.shell.intake import Intake
+from bridge.shell.rebalance import Rebalance
+from bridge.shell.telemetry import Telemetry
+from bridge.shell.transactions import TransactionalOutbox
 
 T = "in"
 P: Partition = (T, 0)

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import random
 
-from bridge.policy import FixedInterval, retry_delay
-from bridge.scheduler import Scheduler, TokenBucket
-from bridge.tasks import Task
+from bridge.core.policy import FixedInterval, retry_delay
+from bridge.core.scheduler import Scheduler, TokenBucket
+from bridge.core.tasks import Task
 
 
 def test_due_order_cancel_and_reschedule() -> None:

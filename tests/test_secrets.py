@@ -29,13 +29,13 @@ import pytest
 import structlog
 from aiohttp import web
 
-from bridge import logs
-from bridge.api import ApiClient
 from bridge.config import ApiConfig, KafkaConfig, ServerConfig, build_config
-from bridge.kafka import client_options
+from bridge.core.outcomes import Kind
+from bridge.edges import logs
+from bridge.edges.api import ApiClient
+from bridge.edges.kafka import client_options
 from bridge.local.broker import Broker, free_port
 from bridge.local.simulator import Simulator
-from bridge.outcomes import Kind
 from tests.helpers import (
     Names,
     Received,

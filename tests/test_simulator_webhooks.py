@@ -17,11 +17,11 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from bridge.config import WebhooksConfig
+from bridge.core.outcomes import Kind
+from bridge.core.webhook_signature import Accepted, Delivery, Rejected, parse_delivery, verify
+from bridge.edges.metrics import Metrics
+from bridge.edges.webhook_server import WebhookServer
 from bridge.local.simulator import Simulator
-from bridge.metrics import Metrics
-from bridge.outcomes import Kind
-from bridge.webhook_server import WebhookServer
-from bridge.webhook_signature import Accepted, Delivery, Rejected, parse_delivery, verify
 from tests.helpers import API_KEY, metric_value, sim_create, wait_until
 from tests.test_webhook_server import FakePublish
 

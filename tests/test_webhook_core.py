@@ -7,16 +7,16 @@ import json
 import random
 from typing import Any
 
-from bridge import facts
-from bridge.clock import ManualClock
 from bridge.config import build_config
-from bridge.core import Core
-from bridge.facts import Effect, Publish
-from bridge.messages import Record
-from bridge.outcomes import Kind, Outcome, Prediction
-from bridge.policy import FixedInterval
-from bridge.tasks import Task
-from bridge.webhook_policy import MIN_DELIVERED, WINDOW, WebhookAware
+from bridge.core import facts
+from bridge.core.book import Core
+from bridge.core.clock import ManualClock
+from bridge.core.facts import Effect, Publish
+from bridge.core.messages import Record
+from bridge.core.outcomes import Kind, Outcome, Prediction
+from bridge.core.policy import FixedInterval
+from bridge.core.tasks import Task
+from bridge.core.webhook_policy import MIN_DELIVERED, WINDOW, WebhookAware
 
 T = "in"
 

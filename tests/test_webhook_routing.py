@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.app import Bridge
 from bridge.config import Config
+from bridge.core.webhook_signature import signed_headers
 from bridge.local.broker import Broker, free_port
 from bridge.local.simulator import Simulator
-from bridge.webhook_signature import signed_headers
+from bridge.shell.app import Bridge
 from tests.helpers import (
     Names,
     config_data,

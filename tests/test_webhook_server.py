@@ -23,20 +23,20 @@ import pytest
 from aiohttp import StreamReader
 from prometheus_client import generate_latest
 
-from bridge import logs
 from bridge.config import KafkaConfig, WebhooksConfig
-from bridge.kafka import make_producer
-from bridge.local.broker import Broker
-from bridge.messages import parse_timestamp
-from bridge.metrics import WEBHOOK_RESULTS, Metrics
-from bridge.webhook_server import (
+from bridge.core.messages import parse_timestamp
+from bridge.core.webhook_signature import sign, signed_headers
+from bridge.edges import logs
+from bridge.edges.kafka import make_producer
+from bridge.edges.metrics import WEBHOOK_RESULTS, Metrics
+from bridge.edges.webhook_server import (
     STATUS,
     RecordHeaders,
     WebhookServer,
     kafka_publish,
     read_capped,
 )
-from bridge.webhook_signature import sign, signed_headers
+from bridge.local.broker import Broker
 from tests.helpers import metric_value, read_all, wait_until
 
 SECRET = "whsec_" + "k3y-for-tests-" + "9f2c41"
@@ -445,7 +445,7 @@ async def test_a_bug_costs_one_request_not_the_receiver(
     def broken(body: bytes) -> None:
         raise RuntimeError("a bug in parsing")
 
-    monkeypatch.setattr("bridge.webhook_server.parse_delivery", broken)
+    monkeypatch.setattr("bridge.edges.webhook_server.parse_delivery", broken)
     body = delivery_body()
     assert (await post(receiver.url, body, signed(body)))[:2] == (500, "error")
     assert receiver.count("error") == 1 and receiver.publish.calls == []

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.outcomes import Kind
-from bridge.webhook_signature import (
+from bridge.core.outcomes import Kind
+from bridge.core.webhook_signature import (
     Accepted,
     BadDelivery,
     Delivery,
@@ -328,8 +328,8 @@ def test_any_body_parses_or_is_refused_never_raises(body: bytes) -> None:
 
 
 def test_the_redactor_scrubs_the_secret_and_its_bare_key() -> None:
-    from bridge.logs import REDACTED, Redactor
-    from bridge.webhook_signature import secret_forms
+    from bridge.core.webhook_signature import secret_forms
+    from bridge.edges.logs import REDACTED, Redactor
 
     redactor = Redactor(secret_forms(SECRET))
     key = SECRET.removeprefix("whsec_")

@@ -19,7 +19,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from bench.throughput.stack import Sim, Topics, event_stream
-from bridge.events import rfc3339
+from bridge.core.events import rfc3339
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,15 +20,15 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from bridge import logs
-from bridge.app import Bridge
 from bridge.config import Config, load_config
+from bridge.core.webhook_signature import secret_forms
+from bridge.edges import logs
 from bridge.local import apache_kafka
 from bridge.local.broker import Broker, free_port
 from bridge.local.feeder import produce_tasks, submit, tail
 from bridge.local.simulator import ModelProfile, Simulator
 from bridge.local.tansu import start_tansu
-from bridge.webhook_signature import secret_forms
+from bridge.shell.app import Bridge
 
 DEMO_KEY = "local-demo-key"  # the simulator's key; never a real one
 MODELS = (

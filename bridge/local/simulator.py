@@ -46,9 +46,9 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from aiohttp import web
 
-from bridge.events import rfc3339
-from bridge.scheduler import TokenBucket
-from bridge.webhook_signature import signed_headers
+from bridge.core.events import rfc3339
+from bridge.core.scheduler import TokenBucket
+from bridge.core.webhook_signature import signed_headers
 
 BEHAVIOURS = (
     "normal",

@@ -13,10 +13,10 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from bridge import kafka as kafka_io
-from bridge.bounded import bounded, startup_limit_s
 from bridge.config import KafkaConfig
-from bridge.metrics import Metrics
+from bridge.edges import kafka as kafka_io
+from bridge.edges.metrics import Metrics
+from bridge.shell.bounded import bounded, startup_limit_s
 
 log = structlog.get_logger("wavespeed_bridge")
 

@@ -15,13 +15,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from bridge import kafka as kafka_io
-from bridge.bounded import bounded
-from bridge.clock import Clock
 from bridge.config import Config
-from bridge.core import Core, Partition
-from bridge.metrics import Metrics
-from bridge.outbox import AnyOutbox
+from bridge.core.book import Core, Partition
+from bridge.core.clock import Clock
+from bridge.edges import kafka as kafka_io
+from bridge.edges.metrics import Metrics
+from bridge.shell.bounded import bounded
+from bridge.shell.outbox import AnyOutbox
 
 log = structlog.get_logger("wavespeed_bridge")
 
@@ -161,7 +161,11 @@ class Intake:
         if not assigned:
             return {}
         try:
-            starts = await kafka_io.committed_offsets(consumer, assigned)
+            starts = await bounded(
+                kafka_io.committed_offsets(consumer, assigned),
+                kafka_io.OFFSETS_TIMEOUT_S,
+                f"the committed offsets of {len(assigned)} partitions",
+            )
             missing = [tp for tp in assigned if tp not in starts]
             if missing:
                 earliest = self._config.kafka.auto_offset_reset == "earliest"

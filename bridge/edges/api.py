@@ -17,8 +17,8 @@ import yarl
 
 from bridge import __version__
 from bridge.config import ApiConfig
-from bridge.messages import task_path
-from bridge.outcomes import Kind, Outcome, interpret
+from bridge.core.messages import task_path
+from bridge.core.outcomes import Kind, Outcome, interpret
 
 log = structlog.get_logger("wavespeed_bridge.api")
 

@@ -40,11 +40,10 @@ import structlog
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from bridge.clock import Clock, SystemClock
 from bridge.config import WebhooksConfig
-from bridge.events import rfc3339
-from bridge.metrics import Metrics
-from bridge.webhook_signature import (
+from bridge.core.clock import Clock, SystemClock
+from bridge.core.events import rfc3339
+from bridge.core.webhook_signature import (
     ID_HEADER,
     RECEIVED_AT_HEADER,
     RECEIVED_BY_HEADER,
@@ -57,6 +56,7 @@ from bridge.webhook_signature import (
     parse_headers,
     signing_key,
 )
+from bridge.edges.metrics import Metrics
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-from bridge.outcomes import Outcome
+from bridge.core.outcomes import Outcome
 
 
 @dataclass(slots=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bridge.clock import Instant
-from bridge.events import EventType, OutputRecord
-from bridge.outcomes import Outcome
-from bridge.tasks import Task
+from bridge.core.clock import Instant
+from bridge.core.events import EventType, OutputRecord
+from bridge.core.outcomes import Outcome
+from bridge.core.tasks import Task
 
 
 @dataclass(frozen=True, slots=True)

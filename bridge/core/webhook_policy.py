@@ -22,8 +22,8 @@ import collections
 import math
 from dataclasses import dataclass, field
 
-from bridge.policy import PollPolicy, clamp_to_deadline
-from bridge.tasks import Task
+from bridge.core.policy import PollPolicy, clamp_to_deadline
+from bridge.core.tasks import Task
 
 WINDOW = 50  # finished tasks remembered per model, for the share delivered
 AGES = 200  # delivery ages remembered per model, for their 99th percentile

@@ -23,28 +23,28 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bridge import __version__
-from bridge import kafka as kafka_io
-from bridge.api import ApiClient
-from bridge.bounded import StartupTimeout, bounded, startup_limit_s
-from bridge.clock import Clock, SystemClock
-from bridge.commits import Committer
 from bridge.config import Config
-from bridge.core import Core, Partition
-from bridge.dispatch import Dispatcher
-from bridge.health import KafkaHealth
-from bridge.intake import Intake
-from bridge.membership import Membership, State, deadline_s
-from bridge.metrics import Metrics
-from bridge.outbox import AnyOutbox, Outbox, Publisher
-from bridge.policy import FixedInterval, PollPolicy, retry_delay
-from bridge.rebalance import Rebalance
-from bridge.server import HealthServer
-from bridge.tasks import Task
-from bridge.telemetry import Telemetry
-from bridge.transactions import TransactionalOutbox
-from bridge.webhook_feed import WebhookFeed
-from bridge.webhook_policy import WebhookAware
-from bridge.webhook_server import WebhookServer, kafka_publish
+from bridge.core.book import Core, Partition
+from bridge.core.clock import Clock, SystemClock
+from bridge.core.membership import Membership, State, deadline_s
+from bridge.core.policy import FixedInterval, PollPolicy, retry_delay
+from bridge.core.tasks import Task
+from bridge.core.webhook_policy import WebhookAware
+from bridge.edges import kafka as kafka_io
+from bridge.edges.api import ApiClient
+from bridge.edges.metrics import Metrics
+from bridge.edges.server import HealthServer
+from bridge.edges.webhook_server import WebhookServer, kafka_publish
+from bridge.shell.bounded import StartupTimeout, bounded, startup_limit_s
+from bridge.shell.commits import Committer
+from bridge.shell.dispatch import Dispatcher
+from bridge.shell.health import KafkaHealth
+from bridge.shell.intake import Intake
+from bridge.shell.outbox import AnyOutbox, Outbox, Publisher
+from bridge.shell.rebalance import Rebalance
+from bridge.shell.telemetry import Telemetry
+from bridge.shell.transactions import TransactionalOutbox
+from bridge.shell.webhook_feed import WebhookFeed
 
 log = structlog.get_logger("wavespeed_bridge")
 
@@ -53,7 +53,7 @@ def make_policy(config: Config, rng: random.Random | None = None) -> PollPolicy:
     p = config.polling
     base: PollPolicy
     if p.policy == "adaptive":
-        from bridge.adaptive import AdaptivePolicy
+        from bridge.core.adaptive import AdaptivePolicy
 
         base = AdaptivePolicy.from_config(p, rng=rng)
     else:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from bridge.messages import Headers, safe_text
-from bridge.outcomes import FAILED_STATUSES, Prediction
+from bridge.core.messages import Headers, safe_text
+from bridge.core.outcomes import FAILED_STATUSES, Prediction
 
 EventType = Literal["completed", "failed", "timeout"]
 EventMode = Literal["structured", "binary"]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-from bridge.api import ApiClient
-from bridge.clock import Clock
-from bridge.core import SWEEP_INTERVAL_S, Core
-from bridge.outbox import AnyOutbox
-from bridge.tasks import Task
-from bridge.telemetry import Telemetry
+from bridge.core.book import SWEEP_INTERVAL_S, Core
+from bridge.core.clock import Clock
+from bridge.core.tasks import Task
+from bridge.edges.api import ApiClient
+from bridge.shell.outbox import AnyOutbox
+from bridge.shell.telemetry import Telemetry
 
 
 class Dispatcher:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
-from bridge import offset_map
-from bridge.offsets import OffsetTracker
+from bridge.core import offset_map
+from bridge.core.offsets import OffsetTracker
 
 P = TypeVar("P", bound=Hashable)
 

@@ -22,20 +22,20 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bridge import events as ev
-from bridge import facts, offset_map
-from bridge.clock import Instant
-from bridge.commit_plan import CommitPlanner
 from bridge.config import Config
-from bridge.deliveries import DeliveryMemory
-from bridge.facts import Effect, Publish
-from bridge.messages import Record, Rejected, parse_task
-from bridge.offsets import OffsetTracker
-from bridge.outcomes import TERMINAL, Kind, Outcome, Prediction
-from bridge.policy import PollPolicy, clamp_to_deadline, overdue, request_limit, retry_delay
-from bridge.scheduler import Scheduler, TokenBucket
-from bridge.tasks import State, Task
-from bridge.webhook_policy import WebhookAware
+from bridge.core import events as ev
+from bridge.core import facts, offset_map
+from bridge.core.clock import Instant
+from bridge.core.commit_plan import CommitPlanner
+from bridge.core.deliveries import DeliveryMemory
+from bridge.core.facts import Effect, Publish
+from bridge.core.messages import Record, Rejected, parse_task
+from bridge.core.offsets import OffsetTracker
+from bridge.core.outcomes import TERMINAL, Kind, Outcome, Prediction
+from bridge.core.policy import PollPolicy, clamp_to_deadline, overdue, request_limit, retry_delay
+from bridge.core.scheduler import Scheduler, TokenBucket
+from bridge.core.tasks import State, Task
+from bridge.core.webhook_policy import WebhookAware
 
 Partition = tuple[str, int]
 # How often polls waiting for a slot, the budget or a pause are checked for passed deadlines.

@@ -20,9 +20,8 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
-from bridge.bounded import bounded
 from bridge.config import KafkaConfig, read_sasl_password
-from bridge.messages import Record
+from bridge.core.messages import Record
 
 # Producer batches up to this size: aiokafka keeps one request in flight per broker, so
 # small batches cap events per round trip. Below the brokers' default message.max.bytes
@@ -151,13 +150,9 @@ async def committed_offsets(
     consumer: AIOKafkaConsumer, partitions: set[TopicPartition]
 ) -> dict[TopicPartition, tuple[int, str]]:
     """The group's committed offsets of ``partitions`` with their metadata, in one request
-    (those that have one)."""
+    (those that have one). Callers bound the wait (``OFFSETS_TIMEOUT_S``)."""
     # aiokafka's public committed() asks once per partition and drops the metadata.
-    fetched = await bounded(
-        consumer._coordinator.fetch_committed_offsets(partitions),
-        OFFSETS_TIMEOUT_S,
-        f"the committed offsets of {len(partitions)} partitions",
-    )
+    fetched = await consumer._coordinator.fetch_committed_offsets(partitions)
     return {tp: (meta.offset, meta.metadata or "") for tp, meta in fetched.items()}
 
 

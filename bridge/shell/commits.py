@@ -15,11 +15,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetMetadataTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
-from bridge import kafka as kafka_io
-from bridge.clock import Clock
-from bridge.core import Core, Partition
-from bridge.telemetry import Telemetry
-from bridge.transactions import TransactionalOutbox
+from bridge.core.book import Core, Partition
+from bridge.core.clock import Clock
+from bridge.edges import kafka as kafka_io
+from bridge.shell.bounded import bounded
+from bridge.shell.telemetry import Telemetry
+from bridge.shell.transactions import TransactionalOutbox
 
 log = structlog.get_logger("wavespeed_bridge")
 
@@ -84,7 +85,11 @@ class Committer:
         if part is None:
             return
         try:
-            back = await kafka_io.committed_offsets(self._consumer, {TopicPartition(*part)})
+            back = await bounded(
+                kafka_io.committed_offsets(self._consumer, {TopicPartition(*part)}),
+                kafka_io.OFFSETS_TIMEOUT_S,
+                "a commit read back",
+            )
         except (KafkaError, TimeoutError):
             return  # asked again after the next commit
         self._metadata_checked = True

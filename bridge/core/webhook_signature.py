@@ -38,8 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bridge.messages import valid_task_id
-from bridge.outcomes import Outcome, outcome_from_data
+from bridge.core.messages import valid_task_id
+from bridge.core.outcomes import Outcome, outcome_from_data
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
 SIGNATURE_VERSION = "v3"

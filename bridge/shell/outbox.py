@@ -18,11 +18,11 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from bridge.clock import Clock
-from bridge.core import Core, Partition
-from bridge.events import OutputRecord
-from bridge.facts import Effect, Publish
-from bridge.telemetry import Telemetry
+from bridge.core.book import Core, Partition
+from bridge.core.clock import Clock
+from bridge.core.events import OutputRecord
+from bridge.core.facts import Effect, Publish
+from bridge.shell.telemetry import Telemetry
 
 log = structlog.get_logger("wavespeed_bridge.outbox")
 

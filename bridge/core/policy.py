@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from bridge.tasks import Task
+from bridge.core.tasks import Task
 
 
 class PollPolicy(Protocol):

@@ -24,11 +24,11 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
-from bridge.bounded import bounded
-from bridge.commits import Committer
-from bridge.core import Core
-from bridge.intake import Intake
-from bridge.outbox import AnyOutbox
+from bridge.core.book import Core
+from bridge.shell.bounded import bounded
+from bridge.shell.commits import Committer
+from bridge.shell.intake import Intake
+from bridge.shell.outbox import AnyOutbox
 
 SETTLE_ON_REVOKE_S = 5.0
 COMMIT_ON_REVOKE_S = 10.0  # the commit's own request limit is 5 s; reading one back, 10 s

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from bridge.messages import Headers
-from bridge.outcomes import Prediction
+from bridge.core.messages import Headers
+from bridge.core.outcomes import Prediction
 
 Origin = tuple[str, int, int]  # (topic, partition, offset) of an input record
 

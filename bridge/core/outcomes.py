@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from bridge.messages import finite_number, parse_timestamp, safe_text
+from bridge.core.messages import finite_number, parse_timestamp, safe_text
 
 
 class Kind(enum.Enum):

@@ -12,11 +12,11 @@ from typing import Any
 
 import structlog
 
-from bridge import facts
-from bridge.core import Core
-from bridge.facts import Effect
-from bridge.metrics import Metrics
-from bridge.outcomes import Kind, Outcome, error_kind, status_class
+from bridge.core import facts
+from bridge.core.book import Core
+from bridge.core.facts import Effect
+from bridge.core.outcomes import Kind, Outcome, error_kind, status_class
+from bridge.edges.metrics import Metrics
 
 log = structlog.get_logger("wavespeed_bridge")
 

@@ -19,14 +19,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from bridge import facts
-from bridge.clock import Clock
 from bridge.config import Config
-from bridge.core import Core
-from bridge.facts import Effect
-from bridge.messages import parse_timestamp
-from bridge.outbox import AnyOutbox
-from bridge.webhook_signature import (
+from bridge.core import facts
+from bridge.core.book import Core
+from bridge.core.clock import Clock
+from bridge.core.facts import Effect
+from bridge.core.messages import parse_timestamp
+from bridge.core.webhook_signature import (
     APPLIED_BY_HEADER,
     ID_HEADER,
     RECEIVED_AT_HEADER,
@@ -34,6 +33,7 @@ from bridge.webhook_signature import (
     BadDelivery,
     parse_delivery,
 )
+from bridge.shell.outbox import AnyOutbox
 
 log = structlog.get_logger("wavespeed_bridge.webhooks")
 

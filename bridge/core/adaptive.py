@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.config import ModelClass, PollingConfig
-from bridge.tasks import Task
+from bridge.core.tasks import Task
 
 # Bins: [0, 50 ms), then 16 per octave up to two days. Bin k >= 1 is [EDGES[k], EDGES[k+1]).
 _B0 = 0.05

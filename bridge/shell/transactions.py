@@ -33,13 +33,13 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import IllegalOperation, KafkaError, MessageSizeTooLargeError, ProducerFenced
 from aiokafka.structs import OffsetAndMetadata
 
-from bridge import kafka as kafka_io
-from bridge.bounded import bounded
-from bridge.clock import Clock
 from bridge.config import Config
-from bridge.core import Core, Partition
-from bridge.facts import Effect, Publish
-from bridge.telemetry import Telemetry
+from bridge.core.book import Core, Partition
+from bridge.core.clock import Clock
+from bridge.core.facts import Effect, Publish
+from bridge.edges import kafka as kafka_io
+from bridge.shell.bounded import bounded
+from bridge.shell.telemetry import Telemetry
 
 log = structlog.get_logger("wavespeed_bridge.transactions")
 
