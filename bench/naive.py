@@ -87,7 +87,7 @@ async def _fetcher(
         return fetch_httpx, hx.aclose
     from bridge.edges.api import ApiClient
 
-    api = ApiClient(
+    api = ApiClient.over_http(
         base_url=base_url,
         result_path=RESULT_PATH,
         api_key=api_key,

@@ -60,8 +60,10 @@ Z90 = 1.2815515655446004
 # models may be polled 0.5 s apart (Replicate's client interval) where completions are
 # likely. "adaptive-ws" below is the shipped default: WaveSpeed's 2 s / 5 s minimums.
 BENCH_CLASSES = (
-    ModelClass("*video*", min_interval_s=5.0, max_interval_s=60.0, median_s=120.0, p90_s=300.0),
-    ModelClass("*", min_interval_s=0.5, max_interval_s=30.0, median_s=5.0, p90_s=15.0),
+    ModelClass(
+        pattern="*video*", min_interval_s=5.0, max_interval_s=60.0, median_s=120.0, p90_s=300.0
+    ),
+    ModelClass(pattern="*", min_interval_s=0.5, max_interval_s=30.0, median_s=5.0, p90_s=15.0),
 )
 
 STRATEGIES = (
@@ -486,7 +488,9 @@ def _core(
     if webhooks is not None:
         data["webhooks"] = {"enabled": True, **webhooks}
     config = build_config(data, env={})
-    return Core(config, policy=policy, rng=rng, now=0.0)
+    core = Core(config, policy=policy, rng=rng, now=0.0)
+    core.assign({(INPUT, 0): (None, "")})  # the input partition is this member's
+    return core
 
 
 def _record(i: int, s: SimTask, w: Workload, models: list[str]) -> Record:

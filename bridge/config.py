@@ -1,25 +1,48 @@
-"""Configuration: typed dataclasses, loaded from YAML plus ``BRIDGE_*`` environment overrides.
+"""Configuration: pydantic models, loaded from YAML plus ``BRIDGE_*`` environment overrides.
 
 Pure: :func:`build_config` takes plain data and an environment mapping and either returns a
 :class:`Config` or raises :class:`ConfigError` naming every bad key. Nothing here connects
 to anything; ``wavespeed-bridge check-config`` is exactly this module.
+
+Each field carries its own constraint (``PositiveInt``, ``Literal[...]``, a check beside it);
+rules between fields are model validators. Values are checked strictly (a string is not an
+integer, a boolean not a number); values from the environment are text, read as YAML scalars
+first.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import copy
+import functools
 import os
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, Self
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 ENV_PREFIX = "BRIDGE_"
 ENV_SEPARATOR = "__"
+# Read by the CLI as the config file path, not an override.
+ENV_NOT_OVERRIDES = frozenset({"BRIDGE_CONFIG"})
 
 
 class ConfigError(ValueError):
@@ -30,8 +53,117 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-@dataclass(frozen=True, slots=True)
-class KafkaConfig:
+# --- checks beside the fields ---------------------------------------------------------------
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    # The message goes in through the context: a template would read "{id}" as a placeholder.
+    return PydanticCustomError("bridge", "{message}", {"message": message})
+
+
+def _not_empty(why: str = "") -> AfterValidator:
+    def check(text: str) -> str:
+        if not text:
+            raise _invalid("must not be empty" + why)
+        return text
+
+    return AfterValidator(check)
+
+
+def _http_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise _invalid(f"must start with http:// or https://, got {url!r}")
+    return url
+
+
+def _result_path(path: str) -> str:
+    if path.count("{id}") != 1 or not path.startswith("/"):
+        raise _invalid("must start with / and contain {id} exactly once")
+    return path
+
+
+def _codec_here(codec: str | None) -> str | None:
+    if codec is not None and codec not in available_codecs():
+        raise _invalid(
+            f"{codec} needs its codec library (cramjam, installed with wavespeed-bridge), which"
+            " cannot be imported here; reinstall, or choose one of:"
+            f" {', '.join(sorted(available_codecs()))}"
+        )
+    return codec
+
+
+def _url_path(path: str) -> str:
+    if (
+        not path.startswith("/")
+        or any(c in path for c in "?#%")
+        or any(not c.isascii() or not c.isprintable() or c.isspace() for c in path)
+    ):
+        raise _invalid(
+            f"must start with / and be printable ASCII without spaces, ?, # or %, got {path!r}"
+        )
+    return path
+
+
+def _replay_window(seconds: float) -> float:
+    if seconds > 3600:
+        raise _invalid(
+            "at most 3600 (WaveSpeed documents 300 s; a wide window widens the replay window)"
+        )
+    return seconds
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+# --- rules between fields -------------------------------------------------------------------
+
+
+class _Rule(NamedTuple):
+    holds: bool
+    key: str  # the dotted key the message is about
+    message: str
+    reads: tuple[str, ...] = ()  # the other keys it depends on
+
+
+class _Checking:
+    """build_config's validation context: broken rules are collected here instead of raised,
+    so that the model breaking one still stands and the rules around it are checked too.
+
+    ``failed``: keys whose values failed their own checks; a rule reading one is not judged.
+    """
+
+    def __init__(self, failed: frozenset[str] = frozenset()) -> None:
+        self.failed = failed
+        self.problems: list[str] = []
+
+    def reads_failed(self, rule: _Rule) -> bool:
+        return any(
+            key == bad or key.startswith((bad + ".", bad + "["))
+            for key in (rule.key, *rule.reads)
+            for bad in self.failed
+        )
+
+
+def _enforce(info: ValidationInfo, *rules: _Rule) -> None:
+    broken = [rule for rule in rules if not rule.holds]
+    checking = info.context
+    if isinstance(checking, _Checking):
+        checking.problems += [
+            f"{r.key}: {r.message}" for r in broken if not checking.reads_failed(r)
+        ]
+    elif broken:  # a section made in code
+        raise _invalid("; ".join(f"{r.key}: {r.message}" for r in broken))
+
+
+# --- the sections ---------------------------------------------------------------------------
+
+# Strict: YAML's types are the setting's (no "5" for 5, no true for 1).
+_SECTION = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class KafkaConfig(BaseModel):
+    model_config = _SECTION
+
     bootstrap_servers: str = "localhost:9092"
     client_id: str = "wavespeed-bridge"
     group_id: str = "wavespeed-bridge"
@@ -49,154 +181,446 @@ class KafkaConfig:
     ssl_cafile: str | None = None
     ssl_check_hostname: bool = True
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 3_000
-    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: PositiveInt = 10_000
+    heartbeat_interval_ms: PositiveInt = 3_000
+    max_poll_interval_ms: PositiveInt = 300_000
     # How long the coordinator waits for every member to rejoin in a rebalance.
-    rebalance_timeout_ms: int = 60_000
-    request_timeout_ms: int = 30_000
-    fetch_max_records: int = 500
-    max_message_bytes: int = 1_048_576
-    linger_ms: int = 5
+    rebalance_timeout_ms: PositiveInt = 60_000
+    request_timeout_ms: PositiveInt = 30_000
+    fetch_max_records: PositiveInt = 500
+    max_message_bytes: PositiveInt = 1_048_576
+    # 0: a batch goes out as soon as the sender is free.
+    linger_ms: NonNegativeInt = 5
     # Idempotent producer (acks=all): broker-side retries never duplicate or reorder an event.
     enable_idempotence: bool = True
     # The brokers' offset.metadata.max.bytes: the offset map in each commit stays below it.
-    offset_metadata_max_bytes: int = 4096
+    offset_metadata_max_bytes: PositiveInt = 4096
     # Exactly-once: transactional ids are <prefix>-<input topic>-<partition>; default group_id.
     transactional_id_prefix: str | None = None
-    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
-    commit_interval_s: float = 1.0
-    health_check_interval_s: float = 5.0
+    compression_type: Annotated[
+        Literal["gzip", "snappy", "lz4", "zstd"] | None, AfterValidator(_codec_here)
+    ] = None
+    commit_interval_s: PositiveFloat = 1.0
+    # Exactly once: the broker aborts a transaction open longer than this. It bounds how long
+    # a member that died mid-transaction holds back read_committed subscribers when no
+    # other member takes its partitions over (which aborts at once).
+    transaction_timeout_ms: PositiveInt = 60_000
+    health_check_interval_s: PositiveFloat = 5.0
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> Self:
+        sasl = self.security_protocol.startswith("SASL")
+        outputs = ("completed_topic", "failed_topic", "dead_letter_topic", "timeout_topic")
+        _enforce(
+            info,
+            _Rule(
+                self.heartbeat_interval_ms < self.session_timeout_ms,
+                "kafka.heartbeat_interval_ms",
+                "must be below kafka.session_timeout_ms",
+                ("kafka.session_timeout_ms",),
+            ),
+            _Rule(
+                not sasl or self.sasl_mechanism is not None,
+                "kafka.sasl_mechanism",
+                "required when security_protocol is SASL_*",
+                ("kafka.security_protocol",),
+            ),
+            _Rule(
+                not sasl or bool(self.sasl_username),
+                "kafka.sasl_username",
+                "required when security_protocol is SASL_*",
+                ("kafka.security_protocol",),
+            ),
+            _Rule(
+                not sasl or self.sasl_password is not None or self.sasl_password_file is not None,
+                "kafka.sasl_password",
+                "required (or kafka.sasl_password_file) when security_protocol is SASL_*",
+                ("kafka.security_protocol", "kafka.sasl_password_file"),
+            ),
+            _Rule(
+                # A transaction lives one commit interval and its commit (up to 10 s).
+                self.transaction_timeout_ms >= self.commit_interval_s * 1000 + 10_000,
+                "kafka.transaction_timeout_ms",
+                "must be at least kafka.commit_interval_s + 10 s (a transaction's life)",
+                ("kafka.commit_interval_s",),
+            ),
+            _Rule(
+                self.input_topic not in [getattr(self, name) for name in outputs],
+                "kafka.input_topic",
+                "must differ from every output topic",
+                tuple(f"kafka.{name}" for name in outputs),
+            ),
+        )
+        return self
 
 
-@dataclass(frozen=True, slots=True)
-class ApiConfig:
-    base_url: str = "https://api.wavespeed.ai"
+class ApiConfig(BaseModel):
+    model_config = _SECTION
+
+    base_url: Annotated[str, AfterValidator(_http_url)] = "https://api.wavespeed.ai"
     # The seed page's path; the official SDKs use /api/v3/predictions/{id}/result.
-    result_path: str = "/api/v3/predictions/{id}"
+    result_path: Annotated[str, AfterValidator(_result_path)] = "/api/v3/predictions/{id}"
     api_key_file: str | None = None
     api_key_env: str = "WAVESPEED_API_KEY"
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 10.0
+    connect_timeout_s: PositiveFloat = 5.0
+    read_timeout_s: PositiveFloat = 10.0
     # Whole request, connect to last byte: the read timeout restarts with every chunk.
-    total_timeout_s: float = 15.0
-    max_concurrent_requests: int = 100
-    max_response_bytes: int = 1_048_576
+    total_timeout_s: PositiveFloat = 15.0
+    max_concurrent_requests: PositiveInt = 100
+    max_response_bytes: PositiveInt = 1_048_576
     verify_tls: bool = True
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
     # Global poll budget in requests/s; 0 disables the cap.
-    requests_per_second: float = 0.0
-    budget_burst: int = 0
-    auth_error_pause_s: float = 30.0
+    requests_per_second: NonNegativeFloat = 0.0
+    # 0: one second's worth of the budget.
+    budget_burst: NonNegativeInt = 0
+    # A 401/403 pauses every poll this long (0 would let each task retry a rejected key).
+    auth_error_pause_s: PositiveFloat = 30.0
     user_agent: str = "wavespeed-bridge"
 
 
-@dataclass(frozen=True, slots=True)
-class ModelClass:
+class ModelClass(BaseModel):
     """Defaults for models whose names match ``pattern`` (fnmatch syntax)."""
 
+    model_config = _SECTION
+
     pattern: str
-    min_interval_s: float = 2.0
-    max_interval_s: float = 30.0
-    median_s: float = 5.0
-    p90_s: float = 15.0
+    min_interval_s: PositiveFloat = 2.0
+    max_interval_s: PositiveFloat = 30.0
+    median_s: PositiveFloat = 5.0
+    p90_s: PositiveFloat = 15.0
 
 
-def _default_model_classes() -> tuple[ModelClass, ...]:
-    return (
+class PollingConfig(BaseModel):
+    model_config = _SECTION
+
+    policy: Literal["fixed", "adaptive"] = "fixed"
+    interval_s: PositiveFloat = 2.0
+    default_timeout_s: PositiveFloat = 300.0
+    max_timeout_s: PositiveFloat = 86_400.0
+    max_in_flight: PositiveInt = 10_000
+    backoff_base_s: PositiveFloat = 1.0
+    backoff_max_s: PositiveFloat = 30.0
+    jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Adaptive policy: weight of one poll against one second of detection delay.
+    poll_cost_s: PositiveFloat = 0.5
+    learning_window: PositiveInt = 200
+    # Adaptive policy: models learned at once; the least recently used is forgotten.
+    max_models: PositiveInt = 1000
+    # Not strict: YAML gives a list.
+    model_classes: Annotated[tuple[ModelClass, ...], Field(strict=False)] = (
         ModelClass(
             pattern="*video*", min_interval_s=5.0, max_interval_s=60.0, median_s=120.0, p90_s=300.0
         ),
         ModelClass(pattern="*", min_interval_s=2.0, max_interval_s=30.0, median_s=5.0, p90_s=15.0),
     )
+    max_model_labels: PositiveInt = 200
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> Self:
+        classes = [(f"polling.model_classes[{i}]", mc) for i, mc in enumerate(self.model_classes)]
+        _enforce(
+            info,
+            _Rule(
+                self.default_timeout_s <= self.max_timeout_s,
+                "polling.default_timeout_s",
+                "must not exceed polling.max_timeout_s",
+                ("polling.max_timeout_s",),
+            ),
+            _Rule(
+                self.backoff_base_s <= self.backoff_max_s,
+                "polling.backoff_base_s",
+                "must not exceed polling.backoff_max_s",
+                ("polling.backoff_max_s",),
+            ),
+            *(
+                _Rule(
+                    mc.min_interval_s <= mc.max_interval_s,
+                    key,
+                    "need 0 < min_interval_s <= max_interval_s",
+                    (f"{key}.min_interval_s", f"{key}.max_interval_s"),
+                )
+                for key, mc in classes
+            ),
+            *(
+                _Rule(
+                    mc.median_s < mc.p90_s,
+                    key,
+                    "need 0 < median_s < p90_s",
+                    (f"{key}.median_s", f"{key}.p90_s"),
+                )
+                for key, mc in classes
+            ),
+        )
+        return self
 
 
-@dataclass(frozen=True, slots=True)
-class PollingConfig:
-    policy: Literal["fixed", "adaptive"] = "fixed"
-    interval_s: float = 2.0
-    default_timeout_s: float = 300.0
-    max_timeout_s: float = 86_400.0
-    max_in_flight: int = 10_000
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 30.0
-    jitter: float = 0.1
-    # Adaptive policy: weight of one poll against one second of detection delay.
-    poll_cost_s: float = 0.5
-    learning_window: int = 200
-    # Adaptive policy: models learned at once; the least recently used is forgotten.
-    max_models: int = 1000
-    model_classes: tuple[ModelClass, ...] = field(default_factory=_default_model_classes)
-    max_model_labels: int = 200
+class ServerConfig(BaseModel):
+    model_config = _SECTION
 
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 9464
+    port: Port = 9464
 
 
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
+class LoggingConfig(BaseModel):
+    model_config = _SECTION
+
     format: Literal["json", "console"] = "json"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-@dataclass(frozen=True, slots=True)
-class EventsConfig:
-    source: str = "urn:wavespeed-bridge"
+class EventsConfig(BaseModel):
+    model_config = _SECTION
+
+    source: Annotated[str, _not_empty(" (CloudEvents requires a source)")] = "urn:wavespeed-bridge"
     # CloudEvents Kafka binding content mode: one JSON object per record, or ce_* headers
     # with the data as the value (what Knative's Kafka source and sink also accept).
     mode: Literal["structured", "binary"] = "structured"
 
 
-@dataclass(frozen=True, slots=True)
-class WebhooksConfig:
+class WebhooksConfig(BaseModel):
     """The receiver for WaveSpeed's signed webhook deliveries (off by default)."""
+
+    model_config = _SECTION
 
     enabled: bool = False
     # Loopback unless told otherwise, like server.host; the Helm chart sets 0.0.0.0.
-    host: str = "127.0.0.1"
-    port: int = 9465
-    path: str = "/webhooks/wavespeed"
+    host: Annotated[str, _not_empty()] = "127.0.0.1"
+    # 0 (any free port) is for receivers made in code; a config must name one (Config's rules).
+    port: Annotated[int, Field(ge=0, le=65535)] = 9465
+    path: Annotated[str, AfterValidator(_url_path)] = "/webhooks/wavespeed"
     # The account's webhook secret (GET /api/v3/webhook/secret, "whsec_..."): from the file
     # if given (a secret mount), else from this environment variable.
     secret_env: str = "WAVESPEED_WEBHOOK_SECRET"  # noqa: S105 (a variable name)
     secret_file: str | None = None
     # Verified deliveries are produced here (acks=all) before the sender gets its 2xx.
-    topic: str = "wavespeed.webhooks"
-    max_body_bytes: int = 262_144
+    topic: Annotated[str, _not_empty()] = "wavespeed.webhooks"
+    max_body_bytes: PositiveInt = 262_144
     # Signed timestamps older (or further ahead) than this are refused; WaveSpeed's 300 s.
-    tolerance_s: float = 300.0
+    tolerance_s: Annotated[PositiveFloat, AfterValidator(_replay_window)] = 300.0
     # The whole body must arrive within this (slow senders cannot hold a slot for long).
-    read_timeout_s: float = 10.0
+    read_timeout_s: PositiveFloat = 10.0
     # The broker must acknowledge a delivery within this, else 503 and the sender retries.
-    publish_timeout_s: float = 10.0
+    publish_timeout_s: PositiveFloat = 10.0
     # Requests handled at once; more get 503 (bounds memory at this x max_body_bytes).
-    max_concurrent_requests: int = 256
+    max_concurrent_requests: PositiveInt = 256
     # Webhook-ids remembered for replay detection (each until its timestamp is stale).
-    replay_max_ids: int = 100_000
+    replay_max_ids: PositiveInt = 100_000
     # false: a verified terminal delivery finishes its task; true: it triggers one poll.
     confirm_by_poll: bool = False
     # Deliveries for task ids not consumed yet: how many are remembered, and how long.
-    pending_max: int = 10_000
-    pending_ttl_s: float = 3600.0
+    pending_max: PositiveInt = 10_000
+    pending_ttl_s: PositiveFloat = 3600.0
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> Self:
+        _enforce(
+            info,
+            _Rule(
+                not self.enabled or bool(self.secret_file) or bool(self.secret_env),
+                "webhooks.secret_env",
+                "required (or webhooks.secret_file) when enabled",
+                ("webhooks.enabled", "webhooks.secret_file"),
+            ),
+        )
+        return self
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    kafka: KafkaConfig = field(default_factory=KafkaConfig)
-    api: ApiConfig = field(default_factory=ApiConfig)
-    polling: PollingConfig = field(default_factory=PollingConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    events: EventsConfig = field(default_factory=EventsConfig)
+class Config(BaseModel):
+    """The whole configuration: :func:`load_config` and :func:`build_config` make one."""
+
+    model_config = _SECTION
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    polling: PollingConfig = Field(default_factory=PollingConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
-    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
-    shutdown_grace_s: float = 20.0
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    shutdown_grace_s: PositiveFloat = 20.0
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> Self:
+        k, w = self.kafka, self.webhooks
+        kafka_topics = ("input_topic", "completed_topic", "failed_topic", "dead_letter_topic")
+        _enforce(
+            info,
+            _Rule(
+                self.delivery != "exactly_once" or k.enable_idempotence,
+                "delivery",
+                "exactly_once needs kafka.enable_idempotence: true (transactions are"
+                " idempotent); brokers without them (Tansu) need delivery: at_least_once",
+                ("kafka.enable_idempotence",),
+            ),
+            _Rule(w.port != 0, "webhooks.port", "must be >= 1, got 0"),
+            _Rule(
+                not w.enabled or w.port != self.server.port,
+                "webhooks.port",
+                "must differ from server.port (the metrics server's)",
+                ("webhooks.enabled", "server.port"),
+            ),
+            _Rule(
+                w.topic not in [getattr(k, name) for name in (*kafka_topics, "timeout_topic")],
+                "webhooks.topic",
+                "must differ from kafka's input and output topics",
+                tuple(f"kafka.{name}" for name in (*kafka_topics, "timeout_topic")),
+            ),
+            _Rule(
+                not w.enabled or w.max_body_bytes <= k.max_message_bytes,
+                "webhooks.max_body_bytes",
+                f"must not exceed kafka.max_message_bytes ({k.max_message_bytes}): a delivery"
+                " is produced to webhooks.topic as it came",
+                ("webhooks.enabled", "kafka.max_message_bytes"),
+            ),
+        )
+        return self
 
 
-# --- conversion -------------------------------------------------------------------------
+# --- environment overrides ------------------------------------------------------------------
+
+
+class _Overrides(Protocol):
+    problems: list[str]  # prefixed names that name no setting
+
+    def __call__(self) -> dict[str, Any]: ...
+
+
+@functools.cache
+def _env_source() -> Callable[[Mapping[str, str]], _Overrides]:
+    """The settings source for ``BRIDGE_*`` overrides, built on first use: pydantic-settings
+    loads asyncio and logging, which bridge.core (it imports Config) must not
+    (tests/test_layout.py)."""
+    from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+    from pydantic_settings.sources.types import EnvNoneType
+    from pydantic_settings.sources.utils import parse_env_vars
+
+    class Environment(Config, BaseSettings):
+        """Config's fields as pydantic-settings reads them from the environment: BRIDGE_ and
+        the dotted key with __ for its dots, in any case; an empty value is null.
+
+        Config itself stays a plain model, validated as given: a BaseSettings gathers its
+        sources in ``__init__`` on every validation, without the validation context, and
+        would match the file's keys in any case.
+        """
+
+        # Not strict: pydantic-settings would then convert the text itself; from_text does.
+        model_config = SettingsConfigDict(
+            strict=False,
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter=ENV_SEPARATOR,
+            case_sensitive=False,
+            env_parse_none_str="",
+        )
+
+    def from_text(value: Any, tp: Any) -> Any:
+        """Environment text as the setting of type ``tp`` takes it."""
+        if isinstance(value, dict) and _is_model(tp):
+            fields = tp.model_fields
+            return {
+                k: from_text(v, fields[k].annotation if k in fields else None)
+                for k, v in value.items()
+            }
+        text_setting = tp is str or set(typing.get_args(tp)) == {str, type(None)}
+        # EnvNoneType: an empty value, which pydantic-settings turns into null.
+        if not isinstance(value, str) or isinstance(value, EnvNoneType) or text_setting:
+            return value
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+
+    class EnvOverrides(EnvSettingsSource):
+        """``BRIDGE_KAFKA__BOOTSTRAP_SERVERS=x`` sets ``kafka.bootstrap_servers``, read from
+        the mapping given rather than ``os.environ``.
+
+        A string setting takes the value verbatim (a password ``123456`` stays a string);
+        any other is parsed as YAML, so ``8080`` is an integer and ``true`` a boolean.
+        """
+
+        def __init__(self, env: Mapping[str, str]) -> None:
+            self._env = env
+            self.problems: list[str] = []
+            super().__init__(Environment)
+
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            env_vars = parse_env_vars(
+                self._env, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+            )
+            return {name: value for name, value in sorted(env_vars.items()) if self._places(name)}
+
+        def _places(self, name: str) -> bool:
+            """Whether ``name`` is an override (pydantic-settings skips a stray one silently)."""
+            prefix = self.env_prefix.lower()
+            if not name.startswith(prefix) or name.upper() in ENV_NOT_OVERRIDES:
+                return False
+            path = name[len(prefix) :].split(ENV_SEPARATOR)
+            field = Config.model_fields.get(path[0])
+            if not all(path):
+                self.problems.append(f"{name.upper()}: malformed override name")
+            elif field is None:
+                self.problems.append(f"{path[0]}: unknown key")
+            elif len(path) > 1 and not _is_model(field.annotation):
+                self.problems.append(f"{name.upper()}: {path[0]} is not a section")
+            else:
+                return True
+            return False
+
+        def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+            # A whole section or list in one variable: YAML, as the config file is.
+            try:
+                return yaml.safe_load(value)
+            except yaml.YAMLError:
+                return value
+
+        def prepare_field_value(
+            self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+        ) -> Any:
+            prepared = super().prepare_field_value(field_name, field, value, value_is_complex)
+            return from_text(prepared, field.annotation)
+
+    return EnvOverrides
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+# --- validation and its messages ------------------------------------------------------------
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        below = merged.get(key)
+        if isinstance(below, Mapping) and isinstance(value, Mapping):
+            value = _merge(below, value)
+        merged[key] = value
+    return merged
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    key = ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        else:
+            key += f".{part}" if key else part
+    return key
+
+
+def _type_at(loc: tuple[int | str, ...]) -> Any:
+    """The declared type at a pydantic error location, or None."""
+    tp: Any = Config
+    for part in loc:
+        if isinstance(part, int) and typing.get_origin(tp) is tuple:
+            tp = typing.get_args(tp)[0]
+        elif isinstance(part, str) and _is_model(tp) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+        else:
+            return None
+    return tp
 
 
 def _type_name(tp: Any) -> str:
@@ -209,296 +633,94 @@ def _type_name(tp: Any) -> str:
         return "null"
     if origin is tuple:
         return "a list"
-    if dataclasses.is_dataclass(tp):
+    if _is_model(tp):
         return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, str(tp)
-    )
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, str(tp))
 
 
-class _Invalid(Exception):
-    pass
+_BOUNDS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
 
 
-def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Invalid
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key, problems)
-            except _Invalid:
-                continue
-        raise _Invalid
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise _Invalid
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        return tuple(
-            _convert_item(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)
-        )
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise _Invalid
-        return _build(tp, value, key, problems)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Invalid
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Invalid
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise _Invalid
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Invalid
-    raise _Invalid
+def _message(error: ErrorDetails) -> str:
+    kind, value = error["type"], error["input"]
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "bridge":
+        return error["msg"]
+    tp = _type_at(error["loc"])
+    if kind in _BOUNDS:
+        if tp is float and isinstance(value, int):
+            value = float(value)
+        (limit,) = (error.get("ctx") or {}).values()
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)  # "> 0", as declared, not "> 0.0"
+        return f"must be {_BOUNDS[kind]} {limit}, got {value!r}"
+    return f"expected {_type_name(tp)}, got {value!r}"
 
 
-def _convert_item(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+def _prune(data: dict[str, Any], locs: list[tuple[int | str, ...]]) -> dict[str, Any]:
+    """A copy of ``data`` without the values at ``locs`` (list items stay, for the indexes)."""
+    pruned = copy.deepcopy(data)
+    for *path, last in locs:
+        node: Any = pruned
+        with contextlib.suppress(LookupError, TypeError):  # a path into a value of a wrong type
+            for part in path:
+                node = node[part]
+            if isinstance(node, dict):
+                node.pop(last, None)
+    return pruned
+
+
+def build_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Validate ``data`` (parsed YAML) with the ``BRIDGE_*`` overrides in ``env`` (default:
+    ``os.environ``); raise ConfigError naming every problem."""
+    overrides = _env_source()(os.environ if env is None else env)
+    merged = _merge(data or {}, overrides())
+    checking = _Checking()
     try:
-        return _convert(value, tp, key, problems)
-    except _Invalid:
-        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return None
+        config = Config.model_validate(merged, context=checking)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = [f"{_dotted(e['loc'])}: {_message(e)}" for e in errors]
+        # Pydantic judges a model's rules once its fields are valid: judge them again with
+        # each failed value left out (its default in its place), except those that read one.
+        locs = [e["loc"] for e in errors]
+        checking = _Checking(frozenset(_dotted(loc) for loc in locs))
+        # What cannot be left out (a required key) fails again, and is reported above.
+        with contextlib.suppress(ValidationError):
+            Config.model_validate(_prune(merged, locs), context=checking)
+        raise ConfigError(overrides.problems + problems + checking.problems) from None
+    if overrides.problems or checking.problems:
+        raise ConfigError(overrides.problems + checking.problems)
+    return config
 
 
-def _build(cls: Any, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = f"{prefix}.{raw_key}" if prefix else str(raw_key)
-        if raw_key not in names:
-            problems.append(f"{key}: unknown key")
-            continue
-        converted = _convert_item(value, hints[raw_key], key, problems)
-        if converted is not None or value is None:
-            kwargs[raw_key] = converted
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-        and f.name not in kwargs
-    ]
-    for name in missing:
-        problems.append(f"{prefix + '.' if prefix else ''}{name}: required")
-    if missing:
-        return None
-    return cls(**kwargs)
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read a YAML file (or nothing) and build the config; raise ConfigError on problems."""
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: top level must be a mapping"])
+    return build_config(data, env)
 
 
-# --- environment overrides ----------------------------------------------------------------
-
-
-# Read by the CLI as the config file path, not an override.
-ENV_NOT_OVERRIDES = frozenset({"BRIDGE_CONFIG"})
-
-
-def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
-    """``BRIDGE_KAFKA__BOOTSTRAP_SERVERS=x`` sets ``kafka.bootstrap_servers``.
-
-    A string setting takes the value verbatim (a password ``123456`` stays a string); any
-    other is parsed as a YAML scalar, so ``8080`` is an integer and ``true`` a boolean.
-    """
-    for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_OVERRIDES:
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
-        if not all(path):
-            problems.append(f"{name}: malformed override name")
-            continue
-        raw = env[name]
-        if raw == "":
-            value: Any = None
-        elif _is_text_setting(path):
-            value = raw
-        else:
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                value = raw
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                problems.append(f"{name}: {part} is not a section")
-                break
-            node = child
-        else:
-            node[path[-1]] = value
-
-
-def _is_text_setting(path: list[str]) -> bool:
-    """Whether the setting at ``path`` is a string (or optional string) field."""
-    cls: Any = Config
-    for i, part in enumerate(path):
-        if not dataclasses.is_dataclass(cls):
-            return False
-        hint = typing.get_type_hints(cls).get(part)
-        if hint is None:
-            return False
-        if i == len(path) - 1:
-            args = set(typing.get_args(hint)) - {type(None)}
-            return hint is str or (isinstance(hint, types.UnionType) and args == {str})
-        cls = hint
-    return False
-
-
-# --- semantic checks ----------------------------------------------------------------------
-
-
-def _check(config: Config, problems: list[str]) -> None:
-    k, a, p = config.kafka, config.api, config.polling
-
-    def positive(key: str, value: float) -> None:
-        if value <= 0:
-            problems.append(f"{key}: must be > 0, got {value!r}")
-
-    for key, value in (
-        ("kafka.session_timeout_ms", k.session_timeout_ms),
-        ("kafka.heartbeat_interval_ms", k.heartbeat_interval_ms),
-        ("kafka.max_poll_interval_ms", k.max_poll_interval_ms),
-        ("kafka.rebalance_timeout_ms", k.rebalance_timeout_ms),
-        ("kafka.request_timeout_ms", k.request_timeout_ms),
-        ("kafka.fetch_max_records", k.fetch_max_records),
-        ("kafka.max_message_bytes", k.max_message_bytes),
-        ("kafka.commit_interval_s", k.commit_interval_s),
-        ("kafka.offset_metadata_max_bytes", k.offset_metadata_max_bytes),
-        ("kafka.health_check_interval_s", k.health_check_interval_s),
-        ("api.connect_timeout_s", a.connect_timeout_s),
-        ("api.read_timeout_s", a.read_timeout_s),
-        ("api.total_timeout_s", a.total_timeout_s),
-        ("api.max_concurrent_requests", a.max_concurrent_requests),
-        ("api.max_response_bytes", a.max_response_bytes),
-        ("polling.interval_s", p.interval_s),
-        ("polling.default_timeout_s", p.default_timeout_s),
-        ("polling.max_timeout_s", p.max_timeout_s),
-        ("polling.max_in_flight", p.max_in_flight),
-        ("polling.backoff_base_s", p.backoff_base_s),
-        ("polling.backoff_max_s", p.backoff_max_s),
-        ("polling.poll_cost_s", p.poll_cost_s),
-        ("polling.learning_window", p.learning_window),
-        ("polling.max_model_labels", p.max_model_labels),
-        ("polling.max_models", p.max_models),
-        ("shutdown_grace_s", config.shutdown_grace_s),
-    ):
-        positive(key, value)
-    if config.delivery == "exactly_once" and not k.enable_idempotence:
-        problems.append(
-            "delivery: exactly_once needs kafka.enable_idempotence: true (transactions are"
-            " idempotent); brokers without them (Tansu) need delivery: at_least_once"
-        )
-    if k.heartbeat_interval_ms >= k.session_timeout_ms:
-        problems.append("kafka.heartbeat_interval_ms: must be below kafka.session_timeout_ms")
-    if a.requests_per_second < 0:
-        problems.append("api.requests_per_second: must be >= 0 (0 disables the budget)")
-    if a.budget_burst < 0:
-        problems.append("api.budget_burst: must be >= 0")
-    if not (0 <= p.jitter < 1):
-        problems.append(f"polling.jitter: must be in [0, 1), got {p.jitter!r}")
-    if p.default_timeout_s > p.max_timeout_s:
-        problems.append("polling.default_timeout_s: must not exceed polling.max_timeout_s")
-    if p.backoff_base_s > p.backoff_max_s:
-        problems.append("polling.backoff_base_s: must not exceed polling.backoff_max_s")
-    if not a.base_url.startswith(("http://", "https://")):
-        problems.append(f"api.base_url: must start with http:// or https://, got {a.base_url!r}")
-    if a.result_path.count("{id}") != 1 or not a.result_path.startswith("/"):
-        problems.append("api.result_path: must start with / and contain {id} exactly once")
-    if not config.events.source:
-        problems.append("events.source: must not be empty (CloudEvents requires a source)")
-    if not (0 < config.server.port < 65536):
-        problems.append(f"server.port: must be in 1..65535, got {config.server.port}")
-    sasl = k.security_protocol.startswith("SASL")
-    if sasl and k.sasl_mechanism is None:
-        problems.append("kafka.sasl_mechanism: required when security_protocol is SASL_*")
-    if sasl and not k.sasl_username:
-        problems.append("kafka.sasl_username: required when security_protocol is SASL_*")
-    if sasl and k.sasl_password is None and k.sasl_password_file is None:
-        problems.append(
-            "kafka.sasl_password: required (or kafka.sasl_password_file) when security_protocol"
-            " is SASL_*"
-        )
-    if k.compression_type is not None and k.compression_type not in available_codecs():
-        problems.append(
-            f"kafka.compression_type: {k.compression_type} needs its codec library (cramjam,"
-            " installed with wavespeed-bridge), which cannot be imported here; reinstall, or"
-            f" choose one of: {', '.join(sorted(available_codecs()))}"
-        )
-    topics = [k.input_topic, k.completed_topic, k.failed_topic, k.dead_letter_topic]
-    if k.timeout_topic:
-        topics.append(k.timeout_topic)
-    if k.input_topic in topics[1:]:
-        problems.append("kafka.input_topic: must differ from every output topic")
-    _check_webhooks(config, problems, topics)
-    for i, mc in enumerate(p.model_classes):
-        if not (0 < mc.min_interval_s <= mc.max_interval_s):
-            problems.append(
-                f"polling.model_classes[{i}]: need 0 < min_interval_s <= max_interval_s"
-            )
-        if not (0 < mc.median_s < mc.p90_s):
-            problems.append(f"polling.model_classes[{i}]: need 0 < median_s < p90_s")
-
-
-def _check_webhooks(config: Config, problems: list[str], kafka_topics: list[str]) -> None:
-    w, k = config.webhooks, config.kafka
-    for key, value in (
-        ("webhooks.max_body_bytes", w.max_body_bytes),
-        ("webhooks.tolerance_s", w.tolerance_s),
-        ("webhooks.read_timeout_s", w.read_timeout_s),
-        ("webhooks.publish_timeout_s", w.publish_timeout_s),
-        ("webhooks.max_concurrent_requests", w.max_concurrent_requests),
-        ("webhooks.replay_max_ids", w.replay_max_ids),
-        ("webhooks.pending_max", w.pending_max),
-        ("webhooks.pending_ttl_s", w.pending_ttl_s),
-    ):
-        if value <= 0:
-            problems.append(f"{key}: must be > 0, got {value!r}")
-    if not (0 < w.port < 65536):
-        problems.append(f"webhooks.port: must be in 1..65535, got {w.port}")
-    elif w.enabled and w.port == config.server.port:
-        problems.append("webhooks.port: must differ from server.port (the metrics server's)")
-    if not w.host:
-        problems.append("webhooks.host: must not be empty")
-    if (
-        not w.path.startswith("/")
-        or any(c in w.path for c in "?#%")
-        or any(not c.isascii() or not c.isprintable() or c.isspace() for c in w.path)
-    ):
-        problems.append(
-            f"webhooks.path: must start with / and be printable ASCII without spaces, ?, # or %,"
-            f" got {w.path!r}"
-        )
-    if not w.topic:
-        problems.append("webhooks.topic: must not be empty")
-    elif w.topic in kafka_topics:
-        problems.append("webhooks.topic: must differ from kafka's input and output topics")
-    if w.enabled and w.max_body_bytes > k.max_message_bytes:
-        problems.append(
-            f"webhooks.max_body_bytes: must not exceed kafka.max_message_bytes"
-            f" ({k.max_message_bytes}): a delivery is produced to webhooks.topic as it came"
-        )
-    if w.tolerance_s > 3600:
-        problems.append(
-            "webhooks.tolerance_s: at most 3600 (WaveSpeed documents 300 s; a wide window"
-            " widens the replay window)"
-        )
-    if w.enabled and not w.secret_file and not w.secret_env:
-        problems.append("webhooks.secret_env: required (or webhooks.secret_file) when enabled")
+# --- what the settings mean ------------------------------------------------------------------
 
 
 def available_codecs() -> frozenset[str]:
@@ -584,46 +806,6 @@ def _explain_webhooks(config: Config) -> str:
         f" it; {after}; deliveries ahead of their task id wait up to {w.pending_ttl_s:g}s"
         f" (at most {w.pending_max})"
     )
-
-
-def build_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> Config:
-    """Validate ``data`` (parsed YAML) with ``env`` overrides; raise ConfigError on any problem."""
-    problems: list[str] = []
-    merged: dict[str, Any] = _deep_copy(dict(data or {}))
-    _apply_env(merged, env or {}, problems)
-    config = _build(Config, merged, "", problems)
-    if config is not None and not problems:
-        _check(config, problems)
-    if problems:
-        raise ConfigError(problems)
-    assert isinstance(config, Config)
-    return config
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
-def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Read a YAML file (or nothing) and build the config; raise ConfigError on problems."""
-    env = os.environ if env is None else env
-    data: Any = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
-        if not isinstance(data, dict):
-            raise ConfigError([f"{path}: top level must be a mapping"])
-    return build_config(data, env)
 
 
 def _read_secret_file(path: str, key: str) -> str:

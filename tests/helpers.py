@@ -414,20 +414,25 @@ async def scrape(port: int) -> str:
 async def scrape_until(port: int, check: Callable[[str], bool], timeout: float = 30) -> str:
     """The first scrape for which ``check`` holds: metrics are waited for, never slept for."""
     deadline = time.monotonic() + timeout
-    text = ""
+    text, missing = "", ""
     while True:
+        # A series not exported yet (LookupError) is waited for like a value.
         with contextlib.suppress(httpx.HTTPError):
             text = await scrape(port)
-            if check(text):
-                return text
+            try:
+                if check(text):
+                    return text
+            except LookupError as exc:
+                missing = f" ({exc})"
         if time.monotonic() > deadline:
-            raise TimeoutError(f"metrics never matched within {timeout}s: {text[-500:]}")
+            raise TimeoutError(f"metrics never matched within {timeout}s{missing}: {text[-500:]}")
         await asyncio.sleep(0.1)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
+    """Sum of the samples of ``name`` whose labels include ``labels``; LookupError when no
+    sample matches (a renamed metric or label must fail the test, not read as 0)."""
+    total, found = 0.0, False
     for line in text.splitlines():
         if not line.startswith(name) or line.startswith("#"):
             continue
@@ -437,6 +442,9 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             continue
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
+            found = True
+    if not found:
+        raise LookupError(f"no sample of {name} with {labels or 'any labels'}")
     return total
 
 

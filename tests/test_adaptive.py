@@ -19,8 +19,10 @@ from bridge.core.messages import Record
 from bridge.core.outcomes import Kind, Outcome, Prediction
 from bridge.core.tasks import Task
 
-IMAGE = ModelClass("*", min_interval_s=0.5, max_interval_s=30.0, median_s=5.0, p90_s=15.0)
-VIDEO = ModelClass("*video*", min_interval_s=5.0, max_interval_s=60.0, median_s=120.0, p90_s=300.0)
+IMAGE = ModelClass(pattern="*", min_interval_s=0.5, max_interval_s=30.0, median_s=5.0, p90_s=15.0)
+VIDEO = ModelClass(
+    pattern="*video*", min_interval_s=5.0, max_interval_s=60.0, median_s=120.0, p90_s=300.0
+)
 
 
 @dataclass
@@ -58,6 +60,7 @@ def run(p: AdaptivePolicy, jobs: list[Job], *, until: float = math.inf) -> Core:
         rng=random.Random(0),
         now=0.0,
     )
+    core.assign({("in", 0): (None, "")})  # partition 0 is this member's
     clock = ManualClock(epoch=0.0)  # wall = monotonic: created_at passes through exactly
     order = sorted(range(len(jobs)), key=lambda k: jobs[k].consumed or jobs[k].created + 0.05)
     i, now = 0, 0.0
@@ -154,7 +157,7 @@ def test_learning_from_poll_intervals_alone() -> None:
 def test_learned_schedule_is_cheaper_than_the_prior() -> None:
     """What is learned is what pays: the schedule's cost approaches the true optimum."""
     cls = ModelClass(
-        "*", min_interval_s=0.01, max_interval_s=30.0, median_s=4.0, p90_s=q90(4.0, 0.3)
+        pattern="*", min_interval_s=0.01, max_interval_s=30.0, median_s=4.0, p90_s=q90(4.0, 0.3)
     )
     optimum = solve(_lognormal(4.0, 0.3), 0.5, cls)
     p = policy(cls)
@@ -225,7 +228,7 @@ def test_memory_is_bounded() -> None:
 
 
 def test_min_and_max_intervals_hold() -> None:
-    cls = ModelClass("*", min_interval_s=1.5, max_interval_s=8.0, median_s=5.0, p90_s=15.0)
+    cls = ModelClass(pattern="*", min_interval_s=1.5, max_interval_s=8.0, median_s=5.0, p90_s=15.0)
     p = policy(cls)
     jobs = lognormal_jobs(600, "m", 10.0, 0.9, rate=2.0)  # a heavy tail: max binds there
     jobs += [Job(jobs[-1].created + 1, "m", math.inf, timeout=1200.0)]  # never finishes
@@ -242,7 +245,9 @@ def test_min_and_max_intervals_hold() -> None:
 
 
 def test_sparse_then_dense_then_sparse() -> None:
-    cls = ModelClass("*", min_interval_s=0.5, max_interval_s=60.0, median_s=60.0, p90_s=90.0)
+    cls = ModelClass(
+        pattern="*", min_interval_s=0.5, max_interval_s=60.0, median_s=60.0, p90_s=90.0
+    )
     p = policy(cls, jitter=0.0)
     run(p, lognormal_jobs(400, "m", 60.0, 0.25, rate=0.5))
     slow = Job(10_000.0, "m", math.inf, timeout=600.0)

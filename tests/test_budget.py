@@ -62,6 +62,7 @@ def test_retry_after_pauses_everyone(header: str) -> None:
         env={},
     )
     core = Core(config, policy=FixedInterval(1.0, jitter=0.0), rng=random.Random(1), now=0.0)
+    core.assign({("in", 0): (None, "")})  # partition 0 is this member's
     clock = ManualClock(epoch=WALL)
     done = Outcome(Kind.COMPLETED, 200, Prediction(status="completed"))
     sent: list[float] = []

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from bridge.cli import main
-from bridge.config import ApiConfig, ConfigError, build_config, load_config, read_api_key
+from bridge.config import (
+    ApiConfig,
+    Config,
+    ConfigError,
+    build_config,
+    load_config,
+    read_api_key,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,3 +261,181 @@ def test_run_refuses_webhooks_without_a_secret(
     config.write_text("webhooks:\n  enabled: true\n  secret_file: /nonexistent/secret\n")
     assert main(["run", "--config", str(config)]) == 2
     assert "webhooks.secret_file: cannot read" in capsys.readouterr().err
+
+
+# --- issue 17: constraints beside the fields, the environment through pydantic-settings ---
+
+
+def test_a_negative_auth_pause_or_linger_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both passed check-config before."""
+    assert problems({"api": {"auth_error_pause_s": -5}}) == [
+        "api.auth_error_pause_s: must be > 0, got -5.0"
+    ]
+    assert problems({"kafka": {"linger_ms": -1}}) == ["kafka.linger_ms: must be >= 0, got -1"]
+    assert build_config({"kafka": {"linger_ms": 0}}, {}).kafka.linger_ms == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("api:\n  auth_error_pause_s: -5\nkafka:\n  linger_ms: -1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-config", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "api.auth_error_pause_s: must be > 0" in err and "kafka.linger_ms: must be >= 0" in err
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"kafka": {"session_timeout_ms": 0}}, "kafka.session_timeout_ms: must be > 0, got 0"),
+        ({"api": {"requests_per_second": -1}}, "api.requests_per_second: must be >= 0, got -1.0"),
+        ({"polling": {"jitter": 1}}, "polling.jitter: must be < 1, got 1.0"),
+        ({"server": {"port": 70_000}}, "server.port: must be <= 65535, got 70000"),
+        (
+            {"kafka": {"auto_offset_reset": "newest"}},
+            "kafka.auto_offset_reset: expected one of 'earliest', 'latest', got 'newest'",
+        ),
+        (
+            {"kafka": {"sasl_mechanism": "GSSAPI"}},
+            "kafka.sasl_mechanism: expected one of 'PLAIN', 'SCRAM-SHA-256', 'SCRAM-SHA-512'"
+            " or null, got 'GSSAPI'",
+        ),
+        (
+            {"polling": {"model_classes": [{"pattern": "*", "min_interval_s": -1}]}},
+            "polling.model_classes[0].min_interval_s: must be > 0, got -1.0",
+        ),
+        ({"shutdown_grace_s": "20"}, "shutdown_grace_s: expected a number, got '20'"),
+        ({"KAFKA": {}}, "KAFKA: unknown key"),
+    ],
+)
+def test_each_kind_of_constraint_names_its_key(data: dict[str, object], problem: str) -> None:
+    assert problems(data) == [problem]
+
+
+def _numeric_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        tp = field.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            yield from _numeric_keys(tp, f"{prefix}{name}.")
+        elif tp in (int, float):
+            yield prefix + name
+
+
+@pytest.mark.parametrize("key", list(_numeric_keys(Config)))
+def test_every_number_has_a_lower_bound(key: str) -> None:
+    *sections, name = key.split(".")
+    data: dict[str, object] = {name: -1}
+    for section in reversed(sections):
+        data = {section: data}
+    found = problems(data)
+    assert len(found) == 1 and re.fullmatch(
+        rf"{re.escape(key)}: must be >=? \d+, got -1(\.0)?", found[0]
+    ), found
+
+
+def test_every_problem_names_its_key() -> None:
+    found = problems(
+        {
+            "kafka": {"session_timeout_ms": "soon", "security_protocol": "SASL_SSL", "x": 1},
+            "api": {"base_url": "ftp://h", "budget_burst": -1},
+            "polling": {
+                "interval_s": True,
+                "model_classes": [{"pattern": "*", "median_s": 9, "p90_s": 3}, 5],
+            },
+            "webhooks": {"enabled": True, "port": 9464, "secret_env": ""},
+            "delivery": "twice",
+        },
+        {"BRIDGE_SERVER__PORT": "http", "BRIDGE_NOPE": "1"},
+    )
+    keys = [p.split(": ", 1)[0] for p in found]
+    assert keys == [
+        "nope",
+        "kafka.session_timeout_ms",
+        "kafka.x",
+        "api.base_url",
+        "api.budget_burst",
+        "polling.interval_s",
+        "polling.model_classes[1]",
+        "server.port",
+        "delivery",
+        "kafka.sasl_mechanism",
+        "kafka.sasl_username",
+        "kafka.sasl_password",
+        "webhooks.secret_env",
+    ], found
+    # Rules are judged once the failed values are left out, but a list item that is not a
+    # mapping cannot be (the indexes would shift): polling's rules wait for it, and
+    # webhooks.port is not compared with a server.port that failed.
+    assert not any("model_classes[0]" in p or "server.port (" in p for p in found), found
+
+
+def test_rules_are_judged_beside_field_errors_but_not_on_failed_values() -> None:
+    assert problems({"kafka": {"linger_ms": -1, "heartbeat_interval_ms": 20_000}}) == [
+        "kafka.linger_ms: must be >= 0, got -1",
+        "kafka.heartbeat_interval_ms: must be below kafka.session_timeout_ms",
+    ]
+    # Left out, the heartbeat would be its default (3000), above this session timeout.
+    assert problems({"kafka": {"heartbeat_interval_ms": 0, "session_timeout_ms": 2000}}) == [
+        "kafka.heartbeat_interval_ms: must be > 0, got 0"
+    ]
+
+
+def test_env_names_in_any_case_and_whole_values_as_yaml() -> None:
+    config = build_config(
+        {},
+        {
+            "bridge_server__port": "9100",
+            "Bridge_Kafka__Linger_Ms": "0",
+            "BRIDGE_POLLING__MODEL_CLASSES": "[{pattern: '*', median_s: 3, p90_s: 9}]",
+            "BRIDGE_EVENTS": "{source: 'urn:x'}",
+        },
+    )
+    assert (config.server.port, config.kafka.linger_ms, config.events.source) == (9100, 0, "urn:x")
+    assert [(c.pattern, c.median_s) for c in config.polling.model_classes] == [("*", 3.0)]
+
+
+def test_env_values_are_checked_like_the_files() -> None:
+    assert problems({}, {"BRIDGE_SERVER__PORT": "0"}) == ["server.port: must be >= 1, got 0"]
+    assert problems({}, {"BRIDGE_API__VERIFY_TLS": "maybe"}) == [
+        "api.verify_tls: expected true or false, got 'maybe'"
+    ]
+    assert problems({}, {"BRIDGE_SHUTDOWN_GRACE_S": ""}) == [
+        "shutdown_grace_s: expected a number, got None"
+    ]
+
+
+def test_env_names_that_name_no_setting_are_problems() -> None:
+    found = problems(
+        {},
+        {
+            "BRIDGE_NOPE": "1",
+            "BRIDGE_KAFKA__": "x",
+            "BRIDGE_SHUTDOWN_GRACE_S__X": "1",
+            "BRIDGE_KAFKA__NOPE": "1",
+        },
+    )
+    assert found == [
+        "BRIDGE_KAFKA__: malformed override name",
+        "nope: unknown key",
+        "BRIDGE_SHUTDOWN_GRACE_S__X: shutdown_grace_s is not a section",
+        "kafka.nope: unknown key",
+    ]
+
+
+def test_the_environment_is_os_environ_unless_a_mapping_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BRIDGE_SERVER__PORT", "9100")
+    assert build_config({}).server.port == 9100
+    assert build_config({}, env={}).server.port == 9464
+    assert Config().server.port == 9464  # a model made in code reads no environment
+
+
+def test_the_config_is_immutable_and_hashable() -> None:
+    config = build_config({}, {})
+    with pytest.raises(ValidationError, match="frozen"):
+        config.kafka.linger_ms = 0
+    assert hash(config) == hash(build_config({}, {})) and config == build_config({}, {})
+    assert len({config.polling, config.polling.model_copy()}) == 1
+    changed = config.model_copy(update={"delivery": "exactly_once"})
+    assert changed.delivery == "exactly_once" and config.delivery == "at_least_once"

@@ -30,7 +30,14 @@ def make(clock: ManualClock, **sections: Any) -> Core:
         data.setdefault(name, {}).update(values)
     config = build_config(data, env={})
     policy = FixedInterval(1.0, jitter=0.0)
-    return Core(config, policy=policy, rng=random.Random(1), now=clock.monotonic())
+    core = Core(config, policy=policy, rng=random.Random(1), now=clock.monotonic())
+    core.assign({(T, p): (None, "") for p in range(4)})  # this member's partitions
+    return core
+
+
+def to_commit(core: Core) -> dict[tuple[str, int], int]:
+    """The positions the commit loop would commit now (the path production takes)."""
+    return {part: planned.position for part, planned in core.commit_plan().items()}
 
 
 def rec(offset: int, value: str | bytes | dict[str, Any], partition: int = 0) -> Record:
@@ -86,11 +93,11 @@ def test_a_task_is_polled_at_its_interval_and_its_event_commits_its_offset() -> 
     assert kinds(done) == ["Finished", "Publish"]
     event = json.loads(published(done)[0].record.value or b"")
     assert event["type"] == "ai.wavespeed.prediction.completed" and event["data"]["polls"] == 2
-    assert core.offsets.to_commit() == {}  # not before the broker has it
+    assert to_commit(core) == {}  # not before the broker has it
     assert core.publishing().keys() == {"pred_a"}
     (delivered,) = ack_all(core, clock, done)
     assert isinstance(delivered, facts.Delivered) and delivered.kind == "completed"
-    assert core.offsets.to_commit() == {(T, 0): 1}
+    assert to_commit(core) == {(T, 0): 1}
     assert core.in_flight == 0 and core.open_records == 0
 
 
@@ -106,7 +113,7 @@ def test_bad_input_is_dead_lettered_and_still_commits() -> None:
     reduced = published(out)[0].reduced
     assert reduced is not None and reduced().value is None and "h" not in dict(reduced().headers)
     assert kinds(ack_all(core, clock, out)) == ["DeadLetterDelivered"]
-    assert core.offsets.to_commit() == {(T, 0): 1}
+    assert to_commit(core) == {(T, 0): 1}
 
 
 def test_an_undecodable_record_is_dead_lettered_by_offset() -> None:
@@ -133,7 +140,7 @@ def test_a_duplicate_in_flight_joins_the_task_and_one_event_answers_both() -> No
     event = json.loads(published(done)[0].record.value or b"")
     assert [r["offset"] for r in event["data"]["input"]["records"]] == [0, 1]
     ack_all(core, clock, done)
-    assert core.offsets.to_commit() == {(T, 0): 2}
+    assert to_commit(core) == {(T, 0): 2}
 
 
 def test_the_same_id_after_its_event_was_built_is_a_new_task() -> None:
@@ -146,10 +153,10 @@ def test_the_same_id_after_its_event_was_built_is_a_new_task() -> None:
     assert kinds(again) == ["Consumed"]
     assert core.polling().keys() == {"pred_a"} and core.publishing().keys() == {"pred_a"}
     ack_all(core, clock, first)
-    assert core.offsets.to_commit() == {(T, 0): 1}  # offset 1 waits for its own event
+    assert to_commit(core) == {(T, 0): 1}  # offset 1 waits for its own event
     clock.advance(1.0)
     ack_all(core, clock, poll_all(core, clock, completed()))
-    assert core.offsets.to_commit() == {(T, 0): 2}
+    assert to_commit(core) == {(T, 0): 2}
 
 
 def test_acknowledgements_out_of_order_commit_only_the_finished_prefix() -> None:
@@ -163,11 +170,11 @@ def test_acknowledgements_out_of_order_commit_only_the_finished_prefix() -> None
         for t, _ in core.take_due(clock.monotonic(), 10)
     }
     ack_all(core, clock, events["pred_1"] + events["pred_2"])
-    assert core.offsets.to_commit() == {}  # offset 0 is still open
+    assert to_commit(core) == {}  # offset 0 is still open
     ack_all(core, clock, events["pred_0"])
-    assert core.offsets.to_commit() == {(T, 0): 3}
-    core.offsets.mark_committed({(T, 0): 3})
-    assert core.offsets.to_commit() == {}
+    assert to_commit(core) == {(T, 0): 3}
+    core.committed(core.commit_plan())  # the broker stored it
+    assert to_commit(core) == {}
 
 
 def test_pending_past_the_deadline_times_out_with_the_last_status() -> None:
@@ -256,7 +263,7 @@ def test_a_revoked_partition_parks_its_tasks_and_they_come_back_with_their_histo
     core.on_record(rec(0, "pred_b", partition=1), clock.read())
     clock.advance(1.0)
     poll_all(core, clock, pending())
-    core.park({(T, 0)})
+    core.revoke({(T, 0)})
     assert core.parked().keys() == {"pred_a"}
     (released,) = core.release({(T, 0)}, "revoked")
     assert isinstance(released, facts.Released) and released.duplicate_risk == 0
@@ -273,7 +280,7 @@ def test_parked_tasks_of_partitions_gone_elsewhere_are_handed_over() -> None:
     clock = ManualClock()
     core = make(clock)
     core.on_record(rec(0, "pred_a", partition=0), clock.read())
-    core.park({(T, 0)})
+    core.revoke({(T, 0)})
     core.release({(T, 0)}, "revoked")
     (assigned,) = core.assign({(T, 1): (None, "")})
     assert isinstance(assigned, facts.Assigned) and assigned.handed_over == 1
@@ -293,7 +300,7 @@ def test_release_counts_what_the_next_owner_publishes_again() -> None:
     }
     ack_all(core, clock, events["pred_1"] + events["pred_2"])  # finished behind offset 0
     # pred_3's event is out but not acknowledged.
-    core.park({(T, 0)})
+    core.revoke({(T, 0)})
     (released,) = core.release({(T, 0)}, "revoked")
     assert isinstance(released, facts.Released) and released.duplicate_risk == 3
 
@@ -315,7 +322,7 @@ def test_an_outcome_for_a_task_no_longer_polled_changes_nothing() -> None:
     core.on_record(rec(0, "pred_a"), clock.read())
     clock.advance(1.0)
     ((task, _),) = core.take_due(clock.monotonic(), 10)
-    core.park({(T, 0)})
+    core.revoke({(T, 0)})
     assert core.on_outcome(task, completed(), clock.read()) == []
     assert task.polls == 0 and core.acknowledged(12345, clock.read()) == []
 
@@ -332,7 +339,7 @@ def test_counts_follow_every_state_change() -> None:
     assert core.in_flight == 3 and len(core.publishing()) == 1
     ack_all(core, clock, done)
     assert core.in_flight == 2
-    core.park({(T, 0)})
+    core.revoke({(T, 0)})
     assert core.in_flight == 0 and len(core.parked()) == 2
     core.release({(T, 0)}, "revoked")
     (assigned,) = core.assign({(T, 1): (None, "")})

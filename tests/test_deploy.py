@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +39,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
 
 from bridge.config import Config, load_config
 from bridge.local.broker import Broker
@@ -283,18 +283,20 @@ def _json_type(tp: Any) -> dict[str, Any]:
     return {"type": names[tp]}
 
 
-def _json_object(cls: Any, prefix: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+def _json_object(cls: type[BaseModel], prefix: str) -> dict[str, Any]:
     props: dict[str, Any] = {}
     required = []
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
+    for name, f in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
         if key in CHART_MANAGED:
             continue
-        tp = hints[f.name]
-        props[f.name] = _json_object(tp, key) if dataclasses.is_dataclass(tp) else _json_type(tp)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.append(f.name)
+        tp = f.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            props[name] = _json_object(tp, key)
+        else:
+            props[name] = _json_type(tp)
+        if f.is_required():
+            required.append(name)
     out: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
     if required:
         out["required"] = required

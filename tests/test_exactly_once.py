@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import random
 import signal
@@ -108,6 +107,9 @@ async def test_five_sigkills_with_1000_tasks(
     where = {task: (i % parts, i // parts) for i, task in enumerate(ids)}
     config = config_data(broker, sim.base_url, names, polling={"interval_s": 2.0})
     config["delivery"] = delivery
+    # What a killed daemon left open is aborted by the broker 12 s on (read_settled waits
+    # for it); at aiokafka's 60 s default the read could not settle in its 30 s.
+    config["kafka"]["transaction_timeout_ms"] = 12_000
     for p in range(parts):  # ids[i] goes to partition i % parts at offset i // parts
         await produce(broker.bootstrap, names.input, ids[p::parts], partition=p)
     rng = random.Random(9)
@@ -200,7 +202,7 @@ async def test_three_replicas_join_and_leave_over_six_partitions(
     ids = await _tasks(sim, 3000, seed=5, low=0.2, high=3.0)
     data: dict[str, Any] = {"polling": {"interval_s": 0.5}}
     configs = [make_config(broker, sim.base_url, names, **data) for _ in range(3)]
-    configs = [dataclasses.replace(c, delivery=cast(Delivery, delivery)) for c in configs]
+    configs = [c.model_copy(update={"delivery": cast(Delivery, delivery)}) for c in configs]
     async with running_bridge(configs[0]):
         feeding = asyncio.create_task(feed_slowly(broker.bootstrap, names.input, ids, 8.0))
         await asyncio.sleep(1.0)
@@ -224,7 +226,7 @@ async def test_exactly_once_through_a_lost_partition_leader(
     await cluster.create_topics(names.outputs, leader=leader)
     ids = await _tasks(sim, 300, seed=21, low=0.3, high=3.0)
     config = make_config(cluster, sim.base_url, names)
-    config = dataclasses.replace(config, delivery="exactly_once")
+    config = config.model_copy(update={"delivery": "exactly_once"})
     try:
         async with Tail(cluster.bootstrap, [names.completed]) as tail, running_bridge(config):
             await produce(cluster.bootstrap, names.input, ids)

@@ -20,7 +20,7 @@ from aiohttp import web
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bridge.core.outcomes import TERMINAL, Kind, Outcome, interpret, parse_retry_after
+from bridge.core.outcomes import TERMINAL, ErrorKind, Kind, Outcome, interpret, parse_retry_after
 from bridge.edges.api import ApiClient
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
@@ -156,7 +156,7 @@ async def test_odd_retry_after_is_a_transient_error_not_a_missing_task(
     odd_server: str, transport: str
 ) -> None:
     for value in ("²", "9" * 5000):
-        client = ApiClient(
+        client = ApiClient.over_http(
             base_url=odd_server,
             result_path="/api/v3/predictions/{id}?v=" + value,
             api_key=API_KEY,
@@ -181,7 +181,7 @@ async def test_odd_retry_after_is_a_transient_error_not_a_missing_task(
 async def test_a_trickling_body_is_cut_at_the_total_timeout(sim: Simulator, transport: str) -> None:
     """One byte every 0.2 s never trips a 1 s read timeout; only a total limit ends it."""
     (task_id,) = await sim_create(sim, [{"model": "m", "duration_s": 0, "behaviour": "trickle"}])
-    client = ApiClient(
+    client = ApiClient.over_http(
         base_url=sim.base_url,
         result_path="/api/v3/predictions/{id}",
         api_key=API_KEY,
@@ -226,9 +226,6 @@ async def test_garbage_does_not_echo_the_credentials(sim: Simulator) -> None:
     assert API_KEY.encode() not in raw
 
 
-# --- the daemon ---------------------------------------------------------------------------
-
-
 @pytest.fixture
 async def elsewhere() -> AsyncIterator[Simulator]:
     """Another host (127.0.0.2) that the redirect points at: it must never be asked."""
@@ -236,6 +233,44 @@ async def elsewhere() -> AsyncIterator[Simulator]:
     await other.start()
     yield other
     await other.stop()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_each_hostile_response_is_named_where_it_is_read(
+    sim: Simulator, elsewhere: Simulator, transport: str
+) -> None:
+    """Every behaviour of :data:`EXPECTED`, one poll each over either transport: the outcome
+    carries the error kind the daemon counts, and (aiohttp, the default) the reason its
+    timeout event names."""
+    sim.redirect_base = elsewhere.base_url
+    behaviours = list(EXPECTED)
+    ids = await sim_create(
+        sim, [{"model": "m", "duration_s": 0, "behaviour": b} for b in behaviours]
+    )
+    client = ApiClient.over_http(
+        base_url=sim.base_url,
+        result_path="/api/v3/predictions/{id}",
+        api_key=API_KEY,
+        connect_timeout_s=1,
+        read_timeout_s=0.5,
+        max_connections=4,
+        max_response_bytes=MAX_BODY,
+        transport=transport,
+    )
+    try:
+        for task_id, behaviour in zip(ids, behaviours, strict=True):
+            out = await client.fetch(task_id, time.time())
+            message, kind = EXPECTED[behaviour]
+            assert out.kind in (Kind.TRANSIENT, Kind.PENDING), (behaviour, out)
+            assert out.error is ErrorKind(kind), (behaviour, out)
+            if transport == "aiohttp" or behaviour != "garbage":  # httpx names it otherwise
+                assert message.removeprefix("last poll: ") in out.reason, (behaviour, out)
+    finally:
+        await client.aclose()
+    assert elsewhere.requests == 0
+
+
+# --- the daemon ---------------------------------------------------------------------------
 
 
 @pytest.mark.integration

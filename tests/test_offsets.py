@@ -15,9 +15,9 @@ def test_commits_only_the_finished_prefix() -> None:
     p.done(12)
     p.done(11)
     assert p.committable is None  # 10 still in flight
-    assert p.done_ahead == 2  # finished, but a new owner would receive them again
+    assert p.finished_above() == {11, 12}  # finished, but behind 10: in the offset map
     p.done(10)
-    assert p.done_ahead == 0
+    assert p.finished_above() == set()
     assert p.committable == 13
     assert p.in_flight == 2
     p.done(14)
@@ -85,7 +85,7 @@ def test_tracker_per_partition_and_drop() -> None:
     t.add(("a", 1), 0)
     t.add(("a", 1), 1)
     t.done(("a", 1), 0)
-    assert dict(t.positions()) == {("a", 1): 1}
+    assert (t.committable(("a", 0)), t.committable(("a", 1))) == (None, 1)
     assert t.in_flight() == 2
     t.drop(("a", 1))
     assert t.done(("a", 1), 1) is False

@@ -685,7 +685,7 @@ async def test_duplicate_arriving_while_the_event_is_acknowledged_is_accounted(
 ) -> None:
     """The same id again, consumed after the first one's event was built but before the
     broker acknowledged it (acknowledgements are slowed down to make the window wide)."""
-    import bridge.shell.outbox as outbox
+    import bridge.shell.at_least_once as outbox
 
     real_sent = outbox.Publisher._sent
 

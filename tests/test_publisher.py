@@ -1,4 +1,4 @@
-"""outbox.Publisher's retry, shrink and give-up paths, against a scripted producer."""
+"""at_least_once.Publisher's retry, shrink and give-up paths, against a scripted producer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
 
 from bridge.core.events import OutputRecord
-from bridge.shell.outbox import Publisher
+from bridge.shell.at_least_once import Publisher
 
 
 class ScriptedProducer:

@@ -338,7 +338,7 @@ async def test_api_client_refuses_an_untrusted_certificate(
     base_url, served = https_api
 
     def client(**kw: Any) -> ApiClient:
-        return ApiClient(
+        return ApiClient.over_http(
             base_url=base_url,
             result_path="/api/v3/predictions/{id}",
             api_key="k-" + uuid.uuid4().hex,

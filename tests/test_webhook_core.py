@@ -31,7 +31,9 @@ def make(clock: ManualClock, **hooks: Any) -> tuple[Core, WebhookAware]:
         env={},
     )
     policy = WebhookAware(FixedInterval(1.0, jitter=0.0))
-    return Core(config, policy=policy, rng=random.Random(1), now=clock.monotonic()), policy
+    core = Core(config, policy=policy, rng=random.Random(1), now=clock.monotonic())
+    core.assign({(T, 0): (None, "")})  # partition 0 is this member's
+    return core, policy
 
 
 def rec(offset: int, task_id: str, model: str = "m") -> Record:
@@ -151,3 +153,63 @@ def test_a_late_delivery_still_counts_as_delivered() -> None:
     assert policy.late("t10", 1004.0)  # its delivery arrives after all
     assert policy.trusted("m")  # 6 of 11
     assert not policy.late("t10", 1004.0) and not policy.late("unknown", 1004.0)
+
+
+def _trust(policy: WebhookAware) -> None:
+    """Deliveries at 3 s of age: a poll waits until 3 x 1.2 + 0.25 = 3.85 s."""
+    for i in range(MIN_DELIVERED):
+        policy.finished(_task(1000 + i), 1000.0 + 3.0)
+    assert policy.trusted("m")
+
+
+def _due(core: Core, now: float) -> list[tuple[str, float]]:
+    return [(task.task_id, due) for task, due in core.take_due(now, 100)]
+
+
+def test_polls_wait_for_deliveries_only_while_the_feed_is_live() -> None:
+    clock = ManualClock()
+    core, policy = make(clock)
+    _trust(policy)
+    core.on_record(rec(0, "pred_a"), clock.read())
+    clock.advance(2.0)
+    assert _due(core, clock.monotonic()) == []  # deferred past its 1 s poll
+
+    # The feed stops: the deferred poll goes back on the 1 s schedule, which has passed.
+    (down,) = core.webhook_feed(False, clock.monotonic(), "partitions [1] not caught up")
+    assert down == facts.WebhookFeed(False, "partitions [1] not caught up", 1)
+    assert not policy.trusted("m")
+    assert _due(core, clock.monotonic()) == [("pred_a", 2.0)]
+    # Still running, it is polled again on the schedule, not when twice as old.
+    running = Outcome(Kind.PENDING, 200, Prediction(status="processing", model="m"))
+    core.on_outcome(core.polling()["pred_a"], running, clock.read())
+    # A task consumed meanwhile is polled as without webhooks.
+    core.on_record(rec(1, "pred_b"), clock.read())
+    assert _due(core, 2.99) == []
+    assert _due(core, 3.0) == [("pred_a", 3.0), ("pred_b", 3.0)]
+
+    # Live again: the next task's poll waits for its delivery once more.
+    clock.advance(1.0)
+    assert core.webhook_feed(True, clock.monotonic()) == [facts.WebhookFeed(True, "", 0)]
+    core.on_record(rec(2, "pred_c"), clock.read())
+    assert _due(core, 3.0 + 3.84) == []
+    assert _due(core, 3.0 + 3.85) == [("pred_c", 3.0 + 3.85)]
+
+
+def test_a_feed_going_down_leaves_backoffs_and_confirming_polls_alone() -> None:
+    clock = ManualClock()
+    core, policy = make(clock, confirm_by_poll=True)
+    _trust(policy)
+    core.on_record(rec(0, "pred_a"), clock.read())
+    core.on_record(rec(1, "pred_b"), clock.read())
+    clock.advance(3.85)
+    assert [i for i, _ in _due(core, clock.monotonic())] == ["pred_a", "pred_b"]
+    failed = Outcome(Kind.TRANSIENT, 503, reason="HTTP 503")
+    core.on_outcome(core.polling()["pred_a"], failed, clock.read())  # backs off
+    pending = Outcome(Kind.PENDING, 200, Prediction(status="processing", model="m"))
+    core.on_outcome(core.polling()["pred_b"], pending, clock.read())  # waits until 7.7 s
+    deliver(core, clock, "pred_b")  # confirming poll: now
+    (down,) = core.webhook_feed(False, clock.monotonic(), "stalled")
+    assert isinstance(down, facts.WebhookFeed) and down.rescheduled == 0
+    assert _due(core, clock.monotonic()) == [("pred_b", 3.85)]  # the confirming poll, still
+    (retry,) = _due(core, 60.0)
+    assert retry[0] == "pred_a" and retry[1] > clock.monotonic()  # its backoff, not "now"

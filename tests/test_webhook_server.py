@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aiohttp
@@ -106,7 +106,7 @@ async def receiver(request: pytest.FixtureRequest) -> AsyncIterator[Receiver]:
     publish = FakePublish()
     metrics = Metrics()
     server = WebhookServer(
-        replace(CONFIG, **overrides), secret=SECRET, publish=publish, metrics=metrics
+        CONFIG.model_copy(update=overrides), secret=SECRET, publish=publish, metrics=metrics
     )
     await server.start()
     yield Receiver(server, publish, metrics)

@@ -10,8 +10,9 @@ polling benchmark at thousands of times real time.
 
 The book: a task being polled or parked is found by its id (``_active``); once its event
 is built it is found by the ticket of that event until the broker acknowledges it
-(``_unacked``), so the same id may arrive again meanwhile and become a new task. Offsets
-(``bridge.offsets``) know which input records are open and what may be committed.
+(``_unacked``), so the same id may arrive again meanwhile and become a new task. Each input
+partition's life here (assigned, revoked, fenced; its epochs, offsets and commits) is
+``bridge.core.partitions``; the shell asks the core, and keeps no copy of it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from dataclasses import dataclass
 
 from bridge.config import Config
 from bridge.core import events as ev
-from bridge.core import facts, offset_map
+from bridge.core import facts
 from bridge.core.clock import Instant
-from bridge.core.commit_plan import CommitPlanner
 from bridge.core.deliveries import DeliveryMemory
 from bridge.core.facts import Effect, Publish
 from bridge.core.messages import Record, Rejected, parse_task
-from bridge.core.offsets import OffsetTracker
 from bridge.core.outcomes import TERMINAL, Kind, Outcome, Prediction
+from bridge.core.partitions import Partitions, Phase, Planned, Take
 from bridge.core.policy import PollPolicy, clamp_to_deadline, overdue, request_limit, retry_delay
 from bridge.core.scheduler import Scheduler, TokenBucket
 from bridge.core.tasks import State, Task
@@ -49,6 +49,17 @@ class _EventOut:
     task: Task
     kind: ev.EventType
     finished: Instant
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The scheduler's and the policy's state, for the gauges."""
+
+    due: int  # polls due and waiting (a request slot, the budget, a pause)
+    budget_wait_s: float  # time polls waited for the budget, in all
+    taken: int  # polls the scheduler let out, in all
+    budget_rate: float | None  # requests/s of the budget, if there is one
+    model_stats: dict[str, tuple[float, float]]  # learned median and p90 per model
 
 
 @dataclass(slots=True)
@@ -71,7 +82,7 @@ class Core:
             burst = a.budget_burst or max(1, round(a.requests_per_second))
             budget = TokenBucket(a.requests_per_second, burst, now)
         self.scheduler: Scheduler[str] = Scheduler(priority=self._priority, budget=budget)
-        self.offsets: OffsetTracker[Partition] = OffsetTracker()
+        self._partitions: Partitions[Partition] = Partitions(config.kafka.offset_metadata_max_bytes)
         self._active: dict[str, Task] = {}  # polling or parked, by task id
         self._unacked: dict[int, _EventOut | _DeadLetterOut] = {}  # by ticket
         self._states: collections.Counter[State] = collections.Counter()  # tasks per state
@@ -81,9 +92,6 @@ class Core:
         k = config.kafka
         # Exactly-once: a task answers records of one partition (one transaction each).
         self._join_across = config.delivery == "at_least_once"
-        self.commits: CommitPlanner[Partition] = CommitPlanner(
-            self.offsets, k.offset_metadata_max_bytes
-        )
         self._webhooks = policy if isinstance(policy, WebhookAware) else None
         w = config.webhooks
         self.deliveries = DeliveryMemory(w.pending_max, w.pending_ttl_s)
@@ -98,7 +106,19 @@ class Core:
     @property
     def open_records(self) -> int:
         """Input records consumed and not yet answered by an acknowledged record."""
-        return self.offsets.in_flight()
+        return self._partitions.in_flight()
+
+    def sample(self, now: float) -> Sample:
+        scheduler = self.scheduler
+        budget = scheduler.budget
+        stats = getattr(self.policy, "model_stats", None)  # only learning policies have it
+        return Sample(
+            due=scheduler.ready_count(now),
+            budget_wait_s=scheduler.budget_wait_s,
+            taken=scheduler.taken,
+            budget_rate=budget.rate if budget is not None else None,
+            model_stats=stats() if stats is not None else {},
+        )
 
     def polling(self) -> dict[str, Task]:
         return {i: t for i, t in self._active.items() if t.state is State.POLLING}
@@ -118,12 +138,11 @@ class Core:
 
     def on_record(self, rec: Record, at: Instant) -> list[Effect]:
         part = (rec.topic, rec.partition)
-        try:
-            finished = self.offsets.add(part, rec.offset)
-        except ValueError:
-            return []  # re-delivered below the tracked position (seek after rebalance)
-        if finished:  # its event went out before (the commit's offset map says so)
+        take = self._partitions.take(part, rec.offset)
+        if take is Take.FINISHED:  # its event went out before (the commit's offset map)
             return [facts.Skipped(rec.partition, rec.offset)]
+        if take is not Take.NEW:  # another member's, or fetched again after the start
+            return []
         cfg = self.config
         parsed = parse_task(
             rec.value,
@@ -178,10 +197,10 @@ class Core:
 
     def on_undecodable(self, topic: str, partition: int, offset: int, why: str) -> list[Effect]:
         """A record the Kafka client could not decode: dead-lettered by its offset alone."""
-        try:
-            if self.offsets.add((topic, partition), offset):
-                return [facts.Skipped(partition, offset)]
-        except ValueError:
+        take = self._partitions.take((topic, partition), offset)
+        if take is Take.FINISHED:
+            return [facts.Skipped(partition, offset)]
+        if take is not Take.NEW:
             return []
         detail = f"the Kafka client cannot decode this record ({why});"
         detail += " key, value and headers are not available"
@@ -369,6 +388,31 @@ class Core:
         expired = self.deliveries.expire(now)
         return [facts.DeliveryExpired(t, r.webhook_id, r.mine) for t, r in expired]
 
+    def webhook_feed(self, live: bool, now: float, why: str = "") -> list[Effect]:
+        """The webhook feed's verdict changed: whether it is live (reads every partition of
+        the webhook topic, caught up), else ``why`` not. Polls wait for deliveries only while
+        it is: when it stops, every task whose next poll the policy set is put back on the
+        wrapped policy's schedule at once (a deferred one polls now if its normal poll has
+        passed); tasks waiting out a backoff or a delivery's confirming poll keep their time."""
+        hooks = self._webhooks
+        if hooks is None:
+            return []
+        was, hooks.live = hooks.live, live
+        moved = 0
+        if was and not live:
+            due = set(self.scheduler.waiting())  # due already: nothing to bring forward
+            for task in self._active.values():
+                if (
+                    task.state is State.POLLING
+                    and task.task_id in self.scheduler
+                    and task.task_id not in due
+                    and task.failures == 0
+                    and task.delivered_wall is None
+                ):
+                    self.scheduler.schedule(task.task_id, hooks.base_poll(task, now))
+                    moved += 1
+        return [facts.WebhookFeed(live, why, moved)]
+
     def _pending_delivery(self, task: Task, at: Instant) -> list[Effect]:
         known = self.deliveries.take(task.task_id)
         if known is None:
@@ -391,27 +435,165 @@ class Core:
 
     # --- the broker acknowledges ---------------------------------------------------------
 
-    def acknowledged(self, ticket: int, at: Instant) -> list[Effect]:
+    def acknowledged(self, ticket: int, at: Instant) -> list[facts.Fact]:
         """The broker has the record (or it was given up): its input offsets are done."""
         out = self._unacked.pop(ticket, None)
         if out is None:
             return []
         if isinstance(out, _DeadLetterOut):
-            self.offsets.done(out.partition, out.offset)
+            self._partitions.done(out.partition, out.offset)
             return [facts.DeadLetterDelivered(out.reason)]
         self._states[State.PUBLISHING] -= 1
         for topic, partition, offset in out.task.origins:
-            self.offsets.done((topic, partition), offset)
+            self._partitions.done((topic, partition), offset)
         return [facts.Delivered(out.task, out.kind, out.finished, at)]
 
-    # --- rebalances ----------------------------------------------------------------------
+    # --- partitions: assigned, revoked, fenced -------------------------------------------
 
-    def park(self, partitions: set[Partition]) -> None:
-        """Stop polling the tasks of revoked ``partitions``; keep them for a comeback.
+    def starting(self, partitions: set[Partition]) -> None:
+        """Assigned: where they start is being read; records fetched meanwhile are only
+        noted (aiokafka fetches as soon as it assigns, before the listener decides)."""
+        self._partitions.starting(partitions)
 
-        If the same partitions come back (the usual case in an eager rebalance), the
-        re-fetched records revive them with their poll history instead of starting over.
-        """
+    def assign(
+        self, starts: dict[Partition, tuple[int | None, str]], *, complete: bool = True
+    ) -> list[Effect]:
+        """Start each partition at the group's committed offset with its offset map (the
+        finished offsets above it, from the commit's metadata), merged with what finished
+        here if the partition is coming back. For a ``complete`` assignment, parked tasks
+        of partitions that went elsewhere belong to their new owner now."""
+        known = 0
+        for part, (committed, metadata) in starts.items():
+            known += self._partitions.start(part, committed, metadata)
+        if not complete:  # one partition started again (an aborted transaction)
+            return []
+        partitions = set(starts)
+        self._partitions.keep_released(partitions)
+        handed_over = 0
+        for task_id, task in list(self._active.items()):
+            if task.state is State.PARKED and not task.partitions() & partitions:
+                del self._active[task_id]
+                self._states[State.PARKED] -= 1
+                handed_over += 1
+        kept = self._states[State.PARKED]
+        numbers = sorted(p for _, p in partitions)
+        return [facts.Assigned(numbers, kept, handed_over, known)]
+
+    def revoke(self, partitions: set[Partition]) -> None:
+        """Leaving this member: their records are the next owner's from now on, and their
+        tasks are parked. If the same partitions come back (the usual case in an eager
+        rebalance), the re-fetched records revive them with their poll history."""
+        self._partitions.revoking(partitions)
+        self._park(partitions)
+
+    def release(self, partitions: set[Partition], why: str) -> list[Effect]:
+        """Set ``partitions`` aside (after their last commit), counting the records the next
+        owner will publish again: finished above the commit but not in its offset map, or
+        not acknowledged yet."""
+        unacked = sum(
+            1
+            for d in self._unacked.values()
+            if isinstance(d, _EventOut)
+            for t, p, _ in d.task.origins
+            if (t, p) in partitions
+        )
+        again = self._partitions.release(partitions)
+        parked = self._states[State.PARKED]
+        numbers = sorted(p for _, p in partitions)
+        return [facts.Released(numbers, why, parked, again + unacked)]
+
+    def fence(self, part: Partition, epoch: int) -> bool:
+        """Another member initialised ``part``'s transactional id during ``epoch``: what is
+        not committed is forgotten and its records are no longer taken here (the group's
+        next assignment says where it goes). False if that assignment is gone already."""
+        if not self._partitions.fence(part, epoch):
+            return False
+        self._forget_uncommitted(part)
+        return True
+
+    def restart(self, part: Partition, epoch: int) -> bool:
+        """``part``'s transaction of ``epoch`` failed: what is not committed is forgotten and
+        the partition starts again from its commit, in a new epoch (its records come back
+        and revive the tasks). False if that assignment is gone already."""
+        if not self._partitions.restart(part, epoch):
+            return False
+        self._forget_uncommitted(part)
+        return True
+
+    def epoch(self, part: Partition) -> int | None:
+        return self._partitions.epoch(part)
+
+    def fenced(self, part: Partition, epoch: int) -> bool:
+        """Still fenced since ``epoch``: no rebalance and no restart came meanwhile."""
+        return self._partitions.phase(part) is Phase.FENCED and self.epoch(part) == epoch
+
+    def active_partitions(self) -> dict[Partition, int]:
+        """The partitions whose records are taken here, with their epochs."""
+        return self._partitions.active()
+
+    def fetch_from(self, part: Partition) -> int | None:
+        """Where to fetch ``part`` from once started (None: aiokafka's own reset)."""
+        return self._partitions.fetch_from(part)
+
+    def next_offset(self, part: Partition) -> int | None:
+        """The record after the last one taken: where to read again after a bad batch."""
+        return self._partitions.next_offset(part)
+
+    def held_partitions(self) -> set[Partition]:
+        """Partitions to pause: their offset map fills 75% of the broker's limit."""
+        return self._partitions.held()
+
+    # --- commits -------------------------------------------------------------------------
+
+    def commit_plan(self, only: set[Partition] | None = None) -> dict[Partition, Planned]:
+        """What to commit now: each active partition whose position or map changed."""
+        return self._partitions.plan(only)
+
+    def committed(self, plan: dict[Partition, Planned]) -> None:
+        """The broker stored ``plan`` (a plan of an older epoch changes nothing)."""
+        self._partitions.committed(plan)
+
+    def metadata_refused(self) -> int:
+        """The broker refused an offset map as too large: returns the smaller limit."""
+        return self._partitions.metadata_refused()
+
+    def metadata_dropped(self) -> None:
+        """The broker drops commit metadata: commit positions alone from now on."""
+        self._partitions.metadata_dropped()
+
+    def map_sizes(self) -> dict[Partition, int]:
+        return self._partitions.map_sizes()
+
+    def committed_position(self, part: Partition) -> int | None:
+        return self._partitions.committed_position(part)
+
+    def transaction_plan(self, part: Partition, tickets: list[int]) -> Planned | None:
+        """The commit for ``part`` in a transaction that carries ``tickets``: as if their
+        records were acknowledged, without changing anything."""
+        finished: list[int] = []
+        for ticket in tickets:
+            out = self._unacked.get(ticket)
+            if isinstance(out, _DeadLetterOut):
+                finished.append(out.offset)
+            elif out is not None:
+                finished += [o for t, p, o in out.task.origins if (t, p) == part]
+        return self._partitions.plan_with(part, finished)
+
+    def transaction_committed(
+        self, tickets: list[int], plan: dict[Partition, Planned], at: Instant
+    ) -> list[Effect]:
+        """The broker committed a transaction: its records are acknowledged, and its offset
+        committed unless its partition's epoch moved on meanwhile."""
+        out: list[Effect] = []
+        for ticket in tickets:
+            out += self.acknowledged(ticket, at)
+        self._partitions.committed(plan)
+        return out
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _park(self, partitions: set[Partition]) -> None:
+        """Stop polling the tasks of ``partitions``; keep them for a comeback."""
         for task in list(self._active.values()):
             if task.state is not State.POLLING:
                 continue
@@ -424,59 +606,10 @@ class Core:
             self.scheduler.cancel(task.task_id)
             self._move(task, State.PARKED)
 
-    def release(self, partitions: set[Partition], why: str) -> list[Effect]:
-        """Set ``partitions`` aside (after their last commit), counting the records the next
-        owner will publish again: finished above the commit but not in its offset map, or
-        not acknowledged yet."""
-        ahead = 0
-        for part in partitions:
-            ahead += len(self.offsets.finished_above(part) - self.commits.committed_map(part))
-        unacked = sum(
-            1
-            for d in self._unacked.values()
-            if isinstance(d, _EventOut)
-            for t, p, _ in d.task.origins
-            if (t, p) in partitions
-        )
-        for part in partitions:
-            self.offsets.release(part)
-            self.commits.forget(part)
-        parked = self._states[State.PARKED]
-        numbers = sorted(p for _, p in partitions)
-        return [facts.Released(numbers, why, parked, ahead + unacked)]
-
-    def assign(
-        self, starts: dict[Partition, tuple[int | None, str]], *, complete: bool = True
-    ) -> list[Effect]:
-        """Start each partition at the group's committed offset with its offset map (the
-        finished offsets above it, from the commit's metadata), merged with what finished
-        here if the partition is coming back. For a ``complete`` assignment, parked tasks
-        of partitions that went elsewhere belong to their new owner now."""
-        partitions = set(starts)
-        known = 0
-        for part, (committed, metadata) in starts.items():
-            finished = offset_map.decode(metadata, committed) if committed is not None else ()
-            known += self.offsets.start(part, committed, finished)
-            if committed is not None:
-                self.offsets.mark_committed({part: committed}, {part: metadata})
-        if not complete:  # one partition started again (an aborted transaction)
-            return []
-        self.offsets.forget_released(partitions)
-        handed_over = 0
-        for task_id, task in list(self._active.items()):
-            if task.state is State.PARKED and not task.partitions() & partitions:
-                del self._active[task_id]
-                self._states[State.PARKED] -= 1
-                handed_over += 1
-        kept = self._states[State.PARKED]
-        numbers = sorted(p for _, p in partitions)
-        return [facts.Assigned(numbers, kept, handed_over, known)]
-
-    def reset(self, part: Partition) -> None:
-        """Forget everything not committed for ``part`` (its transaction was aborted): its
-        tasks are parked and its unacknowledged events dropped; the records are fetched
-        again from the committed offset and revive the tasks."""
-        self.park({part})
+    def _forget_uncommitted(self, part: Partition) -> None:
+        """Forget everything not committed for ``part``: its tasks are parked and its
+        unacknowledged events dropped; revived when its records are fetched again."""
+        self._park({part})
         for ticket, out in list(self._unacked.items()):
             if isinstance(out, _DeadLetterOut):
                 where: Partition | None = out.partition
@@ -493,24 +626,6 @@ class Core:
             else:  # polled again when its record returns
                 self._move(out.task, State.PARKED)
                 self._active[out.task.task_id] = out.task
-        self.offsets.drop(part)
-        self.commits.forget(part)
-
-    # --- commits -------------------------------------------------------------------------
-
-    def transaction_plan(self, part: Partition, tickets: list[int]) -> tuple[int, str] | None:
-        """The offset to commit for ``part`` in a transaction that carries ``tickets``: as
-        if their records were acknowledged, without changing anything."""
-        finished: list[int] = []
-        for ticket in tickets:
-            out = self._unacked.get(ticket)
-            if isinstance(out, _DeadLetterOut):
-                finished.append(out.offset)
-            elif out is not None:
-                finished += [o for t, p, o in out.task.origins if (t, p) == part]
-        return self.commits.plan_with(part, finished)
-
-    # --- internals -----------------------------------------------------------------------
 
     @staticmethod
     def _learn(task: Task, prediction: Prediction | None, at: Instant) -> None:

@@ -146,6 +146,18 @@ class DeliveryExpired:
     mine: bool
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookFeed:
+    """This replica's webhook feed became live (reads every partition of the webhook topic,
+    caught up) or stopped being so (``why``). While it is not, polls are not deferred:
+    ``rescheduled`` tasks whose poll waited for a delivery were moved to the wrapped
+    policy's schedule."""
+
+    live: bool
+    why: str
+    rescheduled: int
+
+
 Fact = (
     Consumed
     | Joined
@@ -161,5 +173,6 @@ Fact = (
     | DeliveryApplied
     | DeliveryLate
     | DeliveryExpired
+    | WebhookFeed
 )
 Effect = Publish | Fact

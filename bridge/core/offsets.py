@@ -11,7 +11,7 @@ they are fetched again.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
@@ -69,15 +69,6 @@ class PartitionOffsets:
     @property
     def in_flight(self) -> int:
         return len(self._pending) - len(self._done)
-
-    @property
-    def done_ahead(self) -> int:
-        """Finished records behind an unfinished one: not committable yet."""
-        return len(self._done) + len(self._known)
-
-    @property
-    def lowest_pending(self) -> int | None:
-        return self._pending[0] if self._pending else None
 
     def finished_above(self) -> set[int]:
         """Every offset known finished above the committable position (the offset map)."""
@@ -140,21 +131,6 @@ class OffsetTracker(Generic[P]):
         part = self._parts.get(partition)
         return part.committable if part is not None else None
 
-    def positions(self) -> Iterator[tuple[P, int]]:
-        for partition, part in self._parts.items():
-            if part.committable is not None:
-                yield partition, part.committable
-
-    def to_commit(self, only: set[P] | None = None) -> dict[P, int]:
-        """Committable positions ahead of what was last committed (of ``only``, if given)."""
-        return {
-            partition: part.committable
-            for partition, part in self._parts.items()
-            if (only is None or partition in only)
-            and part.committable is not None
-            and part.committable > (part.committed if part.committed is not None else -1)
-        }
-
     def mark_committed(self, positions: dict[P, int], metadata: dict[P, str] | None = None) -> None:
         for partition, position in positions.items():
             part = self._parts.get(partition)
@@ -184,10 +160,6 @@ class OffsetTracker(Generic[P]):
             part = self._parts.get(partition)
             return part.in_flight if part is not None else 0
         return sum(p.in_flight for p in self._parts.values())
-
-    def done_ahead(self, partition: P) -> int:
-        part = self._parts.get(partition)
-        return part.done_ahead if part is not None else 0
 
     def drop(self, partition: P) -> None:
         """Forget a partition; late ``done`` calls for it are ignored."""

@@ -1,9 +1,10 @@
 """What a result-API response means: one :class:`Outcome` per response. Pure.
 
 :func:`interpret` turns a status code, the ``Retry-After`` header and the body into an
-outcome; :func:`error_kind` names the trouble for metrics. The HTTP client
-(``bridge.api``) and the decisions (``bridge.core``) both build on this; it imports no I/O
-library.
+outcome. An outcome that is not an answer about the task carries an :class:`ErrorKind`,
+set where it is built (here, or by the HTTP client for what never became a response). The
+HTTP client (``bridge.edges.api``) and the decisions (``bridge.core``) both build on this; it
+imports no I/O library.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ class Kind(enum.Enum):
     AUTH = "auth"  # 401 / 403: the key is wrong; affects every task
     RATE_LIMITED = "rate_limited"  # 429
     TRANSIENT = "transient"  # 5xx, network errors, unreadable bodies: retry with backoff
+
+
+class ErrorKind(enum.Enum):
+    """Why a poll got no usable answer: the ``api_errors_total{kind}`` label."""
+
+    AUTH = "auth"  # 401 / 403
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 5xx (and above), whatever the body
+    TIMEOUT = "timeout"  # connect, read or total limit
+    NETWORK = "network"  # no response: connection failed, or the client refused what came
+    REDIRECT = "redirect"  # 3xx, not followed
+    OVERSIZE_BODY = "oversize_body"  # body over api.max_response_bytes, not read
+    BAD_RESPONSE = "bad_response"  # another status (408 and 4xx), or a body that is not the JSON
+    UNKNOWN_STATUS = "unknown_status"  # an answer whose status nobody documented: polled on
 
 
 TERMINAL = frozenset({Kind.COMPLETED, Kind.FAILED, Kind.NOT_FOUND})
@@ -61,6 +76,7 @@ class Outcome:
     prediction: Prediction | None = None
     reason: str = ""  # why, for transient outcomes and logs
     retry_after_s: float | None = None
+    error: ErrorKind | None = None  # None: an answer about the task
 
 
 def status_class(code: int | None) -> str:
@@ -120,7 +136,9 @@ def _prediction(data: dict[str, Any]) -> Prediction:
 def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Outcome:
     """What one HTTP response means for the task it was polled for."""
     if code in (401, 403):
-        return Outcome(Kind.AUTH, code, reason=f"HTTP {code}: API key rejected")
+        return Outcome(
+            Kind.AUTH, code, reason=f"HTTP {code}: API key rejected", error=ErrorKind.AUTH
+        )
     if code == 404:
         return Outcome(Kind.NOT_FOUND, code, reason="unknown or expired task (HTTP 404)")
     if code == 429:
@@ -129,6 +147,7 @@ def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Ou
             code,
             reason="HTTP 429",
             retry_after_s=parse_retry_after(retry_after, now),
+            error=ErrorKind.RATE_LIMITED,
         )
     if code >= 500 or code == 408:
         return Outcome(
@@ -136,21 +155,30 @@ def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Ou
             code,
             reason=f"HTTP {code}",
             retry_after_s=parse_retry_after(retry_after, now),
+            # 408 is the server giving up on the request, counted with the odd statuses.
+            error=ErrorKind.SERVER_ERROR if code >= 500 else ErrorKind.BAD_RESPONSE,
         )
     if 300 <= code < 400:
         return Outcome(
-            Kind.TRANSIENT, code, reason=f"unexpected redirect (HTTP {code}), not followed"
+            Kind.TRANSIENT,
+            code,
+            reason=f"unexpected redirect (HTTP {code}), not followed",
+            error=ErrorKind.REDIRECT,
         )
     if code != 200:
-        return Outcome(Kind.TRANSIENT, code, reason=f"unexpected HTTP {code}")
+        return _bad(code, f"unexpected HTTP {code}")
     try:
         envelope = json.loads(body)
     except (ValueError, RecursionError):
-        return Outcome(Kind.TRANSIENT, code, reason="body is not JSON")
+        return _bad(code, "body is not JSON")
     data = envelope.get("data") if isinstance(envelope, dict) else None
     if not isinstance(data, dict):
-        return Outcome(Kind.TRANSIENT, code, reason="envelope has no 'data' object")
+        return _bad(code, "envelope has no 'data' object")
     return outcome_from_data(data, code)
+
+
+def _bad(code: int, reason: str) -> Outcome:
+    return Outcome(Kind.TRANSIENT, code, reason=reason, error=ErrorKind.BAD_RESPONSE)
 
 
 def outcome_from_data(data: dict[str, Any], code: int | None = None) -> Outcome:
@@ -171,28 +199,10 @@ def outcome_from_data(data: dict[str, Any], code: int | None = None) -> Outcome:
         return Outcome(Kind.PENDING, code, prediction)
     # Undocumented status: keep polling until the deadline rather than invent an outcome.
     shown = repr(status)[:40] if status is not None else "missing"
-    return Outcome(Kind.PENDING, code, prediction, reason=f"unknown status {shown}")
-
-
-def error_kind(outcome: Outcome) -> str | None:
-    """The ``api_errors_total{kind}`` label of an outcome, or None when it is an answer."""
-    if outcome.kind is Kind.AUTH:
-        return "auth"
-    if outcome.kind is Kind.RATE_LIMITED:
-        return "rate_limited"
-    if outcome.kind is Kind.PENDING:
-        return "unknown_status" if outcome.reason else None
-    if outcome.kind is not Kind.TRANSIENT:
-        return None
-    reason = outcome.reason
-    if outcome.status_code is not None and outcome.status_code >= 500:
-        return "server_error"
-    if reason.startswith("timeout"):
-        return "timeout"
-    if reason.startswith(("network", "client")):
-        return "network"
-    if "redirect" in reason:
-        return "redirect"
-    if "larger than" in reason:
-        return "oversize_body"
-    return "bad_response"
+    return Outcome(
+        Kind.PENDING,
+        code,
+        prediction,
+        reason=f"unknown status {shown}",
+        error=ErrorKind.UNKNOWN_STATUS,
+    )

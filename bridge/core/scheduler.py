@@ -1,7 +1,7 @@
 """When to poll which task: a timer heap, a priority pool of due tasks, and a global budget.
 
-Pure, with time passed in: the daemon calls :meth:`Scheduler.take` with the clock's
-``now`` and the benchmark calls it with simulated time, thousands of times faster.
+Pure, with time passed in: the daemon calls :meth:`Scheduler.take_due` with the clock's
+``now`` and the polling benchmark with simulated time, thousands of times faster.
 
 - Tasks wait in a min-heap by due time (one entry per task, stale ones skipped lazily).
 - Once due they move to a pool ordered by the policy's priority; when the request

@@ -14,6 +14,11 @@ then; a task still running at that poll is polled again when twice as old, and s
 When deliveries stop (a misconfigured endpoint, an outage), the share falls, and the
 model's tasks are polled on the wrapped policy's own schedule again, by themselves. A
 model with no history is polled as without webhooks until deliveries show up.
+
+Deferring is a bet that a delivery can reach this replica, so it is only made while the
+replica's webhook feed is live (``live``: it reads every partition of the webhook topic and
+keeps up with it). While it is not, every task is polled on the wrapped policy's schedule,
+whatever the statistics say; the core moves the polls already deferred (:meth:`base_poll`).
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class WebhookAware:
 
     def __init__(self, base: PollPolicy) -> None:
         self.base = base
+        # Whether deliveries can reach this replica (its webhook feed is live). True alone:
+        # a policy without a feed (the benchmark) assumes they do; the daemon's feed says.
+        self.live = True
         self._models: dict[str, _Model] = {}
         # Every model together: whether deliveries arrive at all is the account's endpoint,
         # so a model without history of its own goes by it (lateness by the wrapped policy).
@@ -131,6 +139,13 @@ class WebhookAware:
         self._age(model, delivered_wall - created_wall)
         return True
 
+    def base_poll(self, task: Task, now: float) -> float:
+        """When the wrapped policy polls ``task`` next (its first poll, or the one after its
+        last), and no earlier than ``now``: its schedule as without webhooks."""
+        if task.last_poll is None:
+            return max(now, self.base.first_poll(task, now))
+        return max(now, self.base.next_poll(task, task.last_poll))
+
     def polls_without(self, task: Task, until: float) -> int:
         """How many polls the wrapped policy would have sent ``task`` by ``until``: what a
         delivery that finished it spared."""
@@ -148,6 +163,8 @@ class WebhookAware:
 
     def _trusted(self, model: str | None) -> _Model | None:
         """The model's history if deliveries are trusted for it, else None."""
+        if not self.live:
+            return None  # no delivery can reach this replica now, however reliable they are
         m = self._models.get(model) if model else None
         if m is not None and len(m.ages) >= MIN_DELIVERED:
             return m if m.share() >= TRUST_SHARE else None

@@ -1,13 +1,16 @@
 """The WaveSpeed result API over HTTP: :class:`ApiClient` GETs one prediction's result.
 
-Thin: it sends the request within its time limits and size cap and hands status, header
-and body to :func:`bridge.outcomes.interpret`; it never raises for anything the network or
-the server does.
+Thin: a :class:`Transport` sends the request within its time limits and size cap, and
+:class:`ApiClient` hands status, header and body to :func:`bridge.core.outcomes.interpret`;
+it never raises for anything the network or the server does.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -18,7 +21,7 @@ import yarl
 from bridge import __version__
 from bridge.config import ApiConfig
 from bridge.core.messages import task_path
-from bridge.core.outcomes import Kind, Outcome, interpret
+from bridge.core.outcomes import ErrorKind, Kind, Outcome, interpret
 
 log = structlog.get_logger("wavespeed_bridge.api")
 
@@ -26,18 +29,247 @@ log = structlog.get_logger("wavespeed_bridge.api")
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%{}~"
 
 
-class ApiClient:
-    """GET the result of one prediction. Thin: all meaning lives in :func:`interpret`.
+# --- what a transport returns or raises ------------------------------------------------------
 
-    Two transports, chosen by measurement (bench/results/throughput.md): ``aiohttp``
-    (default) drives an aiohttp session directly, ~4x the requests per CPU-second of
-    httpx's ``AsyncClient`` over the same pool; ``httpx`` uses ``httpx.AsyncClient``
-    with httpcore. Both apply the same size cap, timeouts and no-redirect rule, and hand
-    the same status, header and body to :func:`interpret`.
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A whole response, as :func:`interpret` takes it."""
+
+    status: int
+    retry_after: str | None
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Oversize:
+    """A response whose body is over the cap: not read, or not to the end."""
+
+    status: int
+    max_bytes: int
+    declared: str | None = None  # the Content-Length that gave it away, if it did
+
+
+class TransportError(Exception):
+    """No response: the transport's own timeout passed, or the connection failed.
+
+    ``name`` is the HTTP library's exception class, for the outcome's reason.
     """
+
+    def __init__(self, error: Literal[ErrorKind.TIMEOUT, ErrorKind.NETWORK], name: str) -> None:
+        super().__init__(name)
+        self.error = error
+        self.name = name
+
+
+class Transport(Protocol):
+    """One GET of a result, within the connect and read timeouts and the size cap, redirects
+    not followed. Raises :class:`TransportError` when no response came; anything else it
+    raises is a client error (a malformed response the library refused)."""
+
+    @property
+    def template(self) -> str:
+        """The result path, with ``{id}`` in it, in the form :meth:`get` takes."""
+        ...
+
+    async def get(self, target: str) -> Response | Oversize: ...
+
+    async def close(self) -> None: ...
+
+
+async def read_capped(
+    status: int,
+    content_length: str | None,
+    retry_after: str | None,
+    chunks: AsyncIterable[bytes],
+    max_bytes: int,
+) -> Response | Oversize:
+    """The body read up to ``max_bytes``: refused unread if Content-Length says it is larger,
+    cut short if the stream goes past it (a length can be absent, or lie)."""
+    declared = content_length or ""
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 18 or int(declared) > max_bytes)
+    ):
+        return Oversize(status, max_bytes, declared[:20])
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            return Oversize(status, max_bytes)
+    return Response(status, retry_after, bytes(body))
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    """What both HTTP transports are built from."""
+
+    base_url: str
+    result_path: str
+    headers: Mapping[str, str] = field(repr=False)  # carries the API key
+    connect_timeout_s: float
+    read_timeout_s: float
+    max_connections: int
+    max_response_bytes: int
+    verify_tls: bool
+
+
+# --- the transports ------------------------------------------------------------------------
+
+
+class AiohttpTransport:
+    """An aiohttp session driven directly: ~4x the requests per CPU-second of httpx's
+    ``AsyncClient`` over the same pool (bench/results/throughput.md)."""
+
+    def __init__(self, options: HttpOptions) -> None:
+        self._options = options
+        # The whole URL is encoded once here and sent as is (no requoting that could
+        # normalise a path); task_path fills in an id that is already percent-encoded.
+        self.template = quote(options.base_url.rstrip("/") + options.result_path, safe=_URL_SAFE)
+        self._session: aiohttp.ClientSession | None = None  # made in the running loop
+
+    def _open(self) -> aiohttp.ClientSession:
+        o = self._options
+        self._session = aiohttp.ClientSession(
+            headers=dict(o.headers),
+            connector=aiohttp.TCPConnector(limit=o.max_connections, ssl=o.verify_tls),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=o.connect_timeout_s, sock_read=o.read_timeout_s
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        return self._session
+
+    async def get(self, target: str) -> Response | Oversize:
+        session = self._session
+        if session is None:
+            session = self._open()
+        url = yarl.URL(target, encoded=True)  # encoded already: see __init__
+        try:
+            async with session.get(url, allow_redirects=False) as response:
+                headers = response.headers
+                return await read_capped(
+                    response.status,
+                    headers.get("Content-Length"),
+                    headers.get("Retry-After"),
+                    response.content.iter_any(),
+                    self._options.max_response_bytes,
+                )
+        except TimeoutError as exc:  # first: aiohttp's ServerTimeoutError is a connection error too
+            raise TransportError(ErrorKind.TIMEOUT, type(exc).__name__) from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise TransportError(ErrorKind.NETWORK, type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class HttpxTransport:
+    """``httpx.AsyncClient`` over httpcore."""
+
+    def __init__(self, options: HttpOptions) -> None:
+        o = options
+        self._max_bytes = o.max_response_bytes
+        self.template = o.result_path  # the client joins base and path itself
+        self._client = httpx.AsyncClient(
+            base_url=o.base_url,
+            headers=dict(o.headers),
+            timeout=httpx.Timeout(o.read_timeout_s, connect=o.connect_timeout_s),
+            follow_redirects=False,
+            transport=httpx.AsyncHTTPTransport(
+                verify=o.verify_tls,
+                limits=httpx.Limits(
+                    max_connections=o.max_connections,
+                    max_keepalive_connections=o.max_connections,
+                ),
+            ),
+        )
+
+    async def get(self, target: str) -> Response | Oversize:
+        try:
+            async with self._client.stream("GET", target) as response:
+                headers = response.headers
+                return await read_capped(
+                    response.status_code,
+                    headers.get("content-length"),
+                    headers.get("retry-after"),
+                    response.aiter_bytes(),
+                    self._max_bytes,
+                )
+        except httpx.TimeoutException as exc:  # first: it is a TransportError too
+            raise TransportError(ErrorKind.TIMEOUT, type(exc).__name__) from exc
+        except httpx.TransportError as exc:
+            raise TransportError(ErrorKind.NETWORK, type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class MockResponse:
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class MockTransport:
+    """Answers from ``handler`` instead of the network, for tests. The handler gets the
+    request's path and returns a :class:`MockResponse` or raises :class:`TransportError`;
+    the size cap applies as over the network."""
 
     def __init__(
         self,
+        handler: Callable[[str], Awaitable[MockResponse]],
+        *,
+        template: str = "/api/v3/predictions/{id}",
+        max_bytes: int = 1_048_576,
+    ) -> None:
+        self._handler = handler
+        self.template = template
+        self._max_bytes = max_bytes
+
+    async def get(self, target: str) -> Response | Oversize:
+        answer = await self._handler(target)
+        headers = {name.lower(): value for name, value in answer.headers.items()}
+
+        async def chunks() -> AsyncIterable[bytes]:
+            yield answer.body
+
+        return await read_capped(
+            answer.status,
+            headers.get("content-length"),
+            headers.get("retry-after"),
+            chunks(),
+            self._max_bytes,
+        )
+
+    async def close(self) -> None:
+        pass  # nothing held
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+class ApiClient:
+    """GET the result of one prediction. Thin: all meaning lives in :func:`interpret`.
+
+    The transport is chosen by measurement (bench/results/throughput.md): ``aiohttp`` by
+    default, ``httpx`` as the alternative; the client applies the same total limit to both
+    and turns whatever they return or raise into an :class:`Outcome`.
+    """
+
+    def __init__(self, transport: Transport, *, total_timeout_s: float) -> None:
+        self._transport = transport
+        self._template = transport.template
+        self._total_timeout_s = total_timeout_s
+        self._unexpected_logged: set[str] = set()
+
+    @classmethod
+    def over_http(
+        cls,
         *,
         base_url: str,
         result_path: str,
@@ -50,45 +282,28 @@ class ApiClient:
         verify_tls: bool = True,
         transport: str = "aiohttp",
         user_agent: str = "wavespeed-bridge",
-    ) -> None:
-        # For aiohttp, the whole URL is encoded once here and sent as is (no requoting that
-        # could normalise a path); for httpx, the client joins base and path itself.
-        self._path = (
-            quote(base_url.rstrip("/") + result_path, safe=_URL_SAFE)
-            if transport == "aiohttp"
-            else result_path
-        )
-        self._max_bytes = max_response_bytes
-        self._unexpected_logged: set[str] = set()
-        self._headers = {"User-Agent": user_agent, "Accept": "application/json"}
+    ) -> ApiClient:
+        headers = {"User-Agent": user_agent, "Accept": "application/json"}
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._connect_timeout_s = connect_timeout_s
-        self._read_timeout_s = read_timeout_s
+            headers["Authorization"] = f"Bearer {api_key}"
+        options = HttpOptions(
+            base_url=base_url,
+            result_path=result_path,
+            headers=headers,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_connections=max_connections,
+            max_response_bytes=max_response_bytes,
+            verify_tls=verify_tls,
+        )
+        chosen = AiohttpTransport(options) if transport == "aiohttp" else HttpxTransport(options)
         # The read timeout restarts with every chunk: only a total limit ends a trickle.
-        self._total_timeout_s = total_timeout_s or connect_timeout_s + read_timeout_s
-        self._max_connections = max_connections
-        self._verify_tls = verify_tls
-        self._session: aiohttp.ClientSession | None = None  # made in the running loop
-        self._client: httpx.AsyncClient | None = None
-        if transport != "aiohttp":
-            self._client = httpx.AsyncClient(
-                base_url=base_url,
-                headers=self._headers,
-                timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-                follow_redirects=False,
-                transport=httpx.AsyncHTTPTransport(
-                    verify=verify_tls,
-                    limits=httpx.Limits(
-                        max_connections=max_connections,
-                        max_keepalive_connections=max_connections,
-                    ),
-                ),
-            )
+        total = total_timeout_s or connect_timeout_s + read_timeout_s
+        return cls(chosen, total_timeout_s=total)
 
     @classmethod
     def from_config(cls, a: ApiConfig, api_key: str | None) -> ApiClient:
-        return cls(
+        return cls.over_http(
             base_url=a.base_url,
             result_path=a.result_path,
             api_key=api_key,
@@ -106,92 +321,45 @@ class ApiClient:
         """GET the task's result within ``api.total_timeout_s``, or ``limit_s`` if shorter
         (the caller's deadline), from connecting to the last byte."""
         try:
-            path = task_path(self._path, task_id)
+            target = task_path(self._template, task_id)
         except ValueError as exc:  # a bad id; the parser should have refused it
             return Outcome(Kind.NOT_FOUND, reason=f"invalid task id ({exc})")
         limit = self._total_timeout_s if limit_s is None else min(limit_s, self._total_timeout_s)
         total = asyncio.timeout(max(0.0, limit))
         try:
             async with total:
-                if self._client is not None:
-                    return await self._fetch_httpx(path, now)
-                return await self._fetch_aiohttp(path, now)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if total.expired():
-                return Outcome(
-                    Kind.TRANSIENT, reason=f"timeout (no complete response within {limit:.3g}s)"
-                )
-            return Outcome(Kind.TRANSIENT, reason=f"timeout ({type(exc).__name__})")
-        except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
-            return Outcome(Kind.TRANSIENT, reason=f"network error ({type(exc).__name__})")
+                got = await self._transport.get(target)
+        except TransportError as exc:
+            what = "timeout" if exc.error is ErrorKind.TIMEOUT else "network error"
+            return Outcome(Kind.TRANSIENT, reason=f"{what} ({exc.name})", error=exc.error)
+        except TimeoutError as exc:  # the total limit (a transport names its own timeouts)
+            why = (
+                f"no complete response within {limit:.3g}s"
+                if total.expired()
+                else type(exc).__name__
+            )
+            return Outcome(Kind.TRANSIENT, reason=f"timeout ({why})", error=ErrorKind.TIMEOUT)
         except Exception as exc:  # a malformed response, or the client's own error
             name = type(exc).__name__
             if name not in self._unexpected_logged:  # a traceback once per kind, then counts
                 self._unexpected_logged.add(name)
                 log.warning("unexpected error from the HTTP client", error=name, exc_info=exc)
-            return Outcome(Kind.TRANSIENT, reason=f"client error ({name})")
-
-    def _too_large(self, code: int, declared: str | None) -> Outcome | None:
-        declared = declared or ""
-        if (
-            declared.isascii()
-            and declared.isdigit()
-            and (len(declared) > 18 or int(declared) > self._max_bytes)
-        ):
-            return Outcome(
-                Kind.TRANSIENT,
-                code,
-                reason=f"body larger than {self._max_bytes} bytes, not read"
-                f" (Content-Length {declared[:20]})",
-            )
-        return None
-
-    def _over_cap(self, code: int) -> Outcome:
-        return Outcome(
-            Kind.TRANSIENT, code, reason=f"body larger than {self._max_bytes} bytes, not read"
-        )
-
-    async def _fetch_aiohttp(self, path: str, now: float) -> Outcome:
-        session = self._session
-        if session is None:
-            session = self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                connector=aiohttp.TCPConnector(limit=self._max_connections, ssl=self._verify_tls),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=self._connect_timeout_s,
-                    sock_read=self._read_timeout_s,
-                ),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=False,
-            )
-        url = yarl.URL(path, encoded=True)  # encoded already: see __init__ and task_path
-        async with session.get(url, allow_redirects=False) as response:
-            code = response.status
-            if refused := self._too_large(code, response.headers.get("Content-Length")):
-                return refused
-            body = bytearray()
-            async for chunk in response.content.iter_any():
-                body += chunk
-                if len(body) > self._max_bytes:
-                    return self._over_cap(code)
-            return interpret(code, response.headers.get("Retry-After"), bytes(body), now)
-
-    async def _fetch_httpx(self, path: str, now: float) -> Outcome:
-        assert self._client is not None
-        async with self._client.stream("GET", path) as response:
-            code = response.status_code
-            if refused := self._too_large(code, response.headers.get("content-length")):
-                return refused
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > self._max_bytes:
-                    return self._over_cap(code)
-            return interpret(code, response.headers.get("retry-after"), bytes(body), now)
+            # Counted with network errors: no usable response came.
+            return Outcome(Kind.TRANSIENT, reason=f"client error ({name})", error=ErrorKind.NETWORK)
+        if isinstance(got, Oversize):
+            return _oversize(got)
+        return interpret(got.status, got.retry_after, got.body, now)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        if self._session is not None:
-            await self._session.close()
+        await self._transport.close()
+
+
+def _oversize(got: Oversize) -> Outcome:
+    shown = f" (Content-Length {got.declared})" if got.declared is not None else ""
+    return Outcome(
+        Kind.TRANSIENT,
+        got.status,
+        reason=f"body larger than {got.max_bytes} bytes, not read{shown}",
+        # A 5xx is a server error whatever its body, as interpret would say.
+        error=ErrorKind.SERVER_ERROR if got.status >= 500 else ErrorKind.OVERSIZE_BODY,
+    )

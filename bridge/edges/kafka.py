@@ -95,6 +95,7 @@ def make_reader(config: KafkaConfig) -> AIOKafkaConsumer:
 def make_producer(config: KafkaConfig, transactional_id: str | None = None) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         transactional_id=transactional_id,
+        transaction_timeout_ms=config.transaction_timeout_ms,
         **client_options(config),
         acks="all",
         enable_idempotence=config.enable_idempotence,

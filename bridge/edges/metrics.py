@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from bridge.core.outcomes import ErrorKind
+
 PREFIX = "wavespeed_bridge"
 
 _LATENCY_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 3600)
@@ -18,17 +20,7 @@ _PUBLISH_BUCKETS = (
 _DELAY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
 
 # Label values known in advance (see app and messages), exported at zero from the start.
-API_ERROR_KINDS = (
-    "auth",
-    "rate_limited",
-    "server_error",
-    "timeout",
-    "network",
-    "redirect",
-    "oversize_body",
-    "bad_response",
-    "unknown_status",
-)
+API_ERROR_KINDS = tuple(kind.value for kind in ErrorKind)  # set where outcomes are built
 PAUSE_REASONS = ("rate_limited", "auth", "retry_after")
 KAFKA_ERROR_KINDS = ("auth", "tls", "network", "broker")
 DEAD_LETTER_REASONS = (
@@ -361,6 +353,17 @@ class Metrics:
             f"{p}_webhook_delivery_to_event_seconds",
             "From a delivery received (by any replica) to its task's event acknowledged.",
             buckets=_PUBLISH_BUCKETS,
+            registry=r,
+        )
+        self.webhook_feed_live = Gauge(
+            f"{p}_webhook_feed_live",
+            "1 while this replica reads every partition of the webhook topic, caught up; "
+            "0 otherwise, and then no poll waits for a delivery.",
+            registry=r,
+        )
+        self.webhook_feed_partitions = Gauge(
+            f"{p}_webhook_feed_partitions",
+            "Partitions of the webhook topic this replica reads.",
             registry=r,
         )
         self._zero_known_labels()

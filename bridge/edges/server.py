@@ -49,10 +49,8 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        if self._runner.addresses:  # port 0 asks for a free port: learn which one it got
+            self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -402,6 +402,8 @@ class KafkaCluster:
             "transaction.state.log.replication.factor": str(replicas),
             "transaction.state.log.min.isr": str(min(replicas, 2)),
             "transaction.state.log.num.partitions": "5",
+            # A transaction past its timeout (a killed producer's) is aborted within a second.
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
             # Tests: no join delay, short sessions allowed, dead brokers fenced in seconds.
             "group.initial.rebalance.delay.ms": "0",
             "group.min.session.timeout.ms": "1000",

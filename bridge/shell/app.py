@@ -1,12 +1,16 @@
-"""The daemon: the pure core (``bridge.core``) wired to Kafka and the result API by five loops.
+"""The daemon: the pure core (``bridge.core``) wired to Kafka and the result API by its loops.
 
-- intake: consume → ``core.on_record`` → publish dead letters, schedule polls;
-- dispatch: due polls → GET → ``core.on_outcome`` → publish events;
-- outbox: produce until acknowledged → ``core.acknowledged`` marks input offsets done;
-- commits: the finished prefix of each partition, every ``commit_interval_s``;
-- health: the broker probe behind ``/readyz``, missing topics.
+- intake: consume → ``core.on_record`` → dead letters published, polls scheduled;
+- dispatch: due polls → GET → ``core.on_outcome`` → events published;
+- the delivery mode (``bridge.shell.delivery``, at least once or exactly once): events
+  out until acknowledged → ``core.acknowledged`` marks their input offsets done, and the
+  commits;
+- commits: the mode's commit on a fixed cadence, and the gauges;
+- health: the broker probe behind ``/readyz``, missing topics, the group membership;
+- webhooks (when on): the receiver and the webhook topic's feed.
 
-Rebalances go through ``bridge.rebalance``; logs and metrics through ``bridge.telemetry``.
+What the core returns goes through one router (``delivery.Effects``); rebalances through
+``rebalance``; facts become logs and metrics in ``telemetry``.
 """
 
 from __future__ import annotations
@@ -35,15 +39,16 @@ from bridge.edges.api import ApiClient
 from bridge.edges.metrics import Metrics
 from bridge.edges.server import HealthServer
 from bridge.edges.webhook_server import WebhookServer, kafka_publish
+from bridge.shell.at_least_once import AtLeastOnce, Publisher
 from bridge.shell.bounded import StartupTimeout, bounded, startup_limit_s
-from bridge.shell.commits import Committer
+from bridge.shell.commits import CommitLoop
+from bridge.shell.delivery import DeliveryMode, Effects
 from bridge.shell.dispatch import Dispatcher
+from bridge.shell.exactly_once import ExactlyOnce
 from bridge.shell.health import KafkaHealth
 from bridge.shell.intake import Intake
-from bridge.shell.outbox import AnyOutbox, Outbox, Publisher
 from bridge.shell.rebalance import Rebalance
 from bridge.shell.telemetry import Telemetry
-from bridge.shell.transactions import TransactionalOutbox
 from bridge.shell.webhook_feed import WebhookFeed
 
 log = structlog.get_logger("wavespeed_bridge")
@@ -85,6 +90,7 @@ class Bridge:
         )
         self.core = Core(config, policy=self.policy, rng=self.rng, now=self.clock.monotonic())
         self.telemetry = Telemetry(self.metrics, self.core, now=self.clock.monotonic())
+        self.effects = Effects(self.telemetry)  # what the core returns goes through it
         self.api = ApiClient.from_config(config.api, api_key)
         w = config.webhooks
         self.kafka = KafkaHealth(
@@ -93,6 +99,7 @@ class Bridge:
         self.webhook_secret = webhook_secret
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.webhook_server: WebhookServer | None = None
+        self.webhook_feed: WebhookFeed | None = None
         self.server = HealthServer(
             host=config.server.host,
             port=config.server.port,
@@ -106,8 +113,8 @@ class Bridge:
         self.exit_code = 0
         self.membership = Membership(deadline_s(config.kafka), self.clock.monotonic())
         self._stop: asyncio.Event | None = None
-        self._committer: Committer | None = None
-        self._outbox: AnyOutbox | None = None
+        self._committer: CommitLoop | None = None
+        self._mode: DeliveryMode | None = None
         self._dispatcher: Dispatcher | None = None
         self._intake: Intake | None = None
         self._listener: Rebalance | None = None
@@ -178,34 +185,12 @@ class Bridge:
         self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, stop: asyncio.Event
     ) -> None:
         cfg, m, core = self.config, self.metrics, self.core
-        publisher = Publisher(
-            producer,
-            retry_delay=lambda attempt: retry_delay(attempt, 0.5, 10.0, self.rng),
-            on_error=m.publish_failures.inc,
-            on_pending=m.events_pending.set,
-        )
-        transactions: TransactionalOutbox | None = None
-        outbox: AnyOutbox
-        if cfg.delivery == "exactly_once":
-
-            async def restart(part: Partition) -> None:
-                await intake.restart(part)
-
-            outbox = transactions = TransactionalOutbox(
-                core=core,
-                telemetry=self.telemetry,
-                clock=self.clock,
-                config=cfg,
-                restart=restart,
-                fenced=lambda part: intake.fenced(part),
-            )
-        else:
-            outbox = Outbox(publisher, core, self.telemetry, self.clock)
-        self._outbox = outbox
+        effects = self.effects
+        mode = self._mode = self._delivery_mode(consumer, producer)
         dispatcher = self._dispatcher = Dispatcher(
             core=core,
             api=self.api,
-            outbox=outbox,
+            effects=effects,
             telemetry=self.telemetry,
             clock=self.clock,
             max_requests=cfg.api.max_concurrent_requests,
@@ -213,42 +198,39 @@ class Bridge:
         intake = self._intake = Intake(
             consumer,
             core=core,
-            outbox=outbox,
+            effects=effects,
+            mode=mode,
             config=cfg,
             clock=self.clock,
             metrics=m,
             wake_dispatch=dispatcher.wake,
         )
-        committer = self._committer = Committer(
+        committer = self._committer = CommitLoop(
             consumer,
+            mode,
             core=core,
             telemetry=self.telemetry,
             clock=self.clock,
             interval_s=cfg.kafka.commit_interval_s,
-            transactions=transactions,
         )
         listener = self._listener = Rebalance(
             core=core,
             intake=intake,
-            outbox=outbox,
-            committer=committer,
+            mode=mode,
+            effects=effects,
             on_revoked=lambda: self.membership.revoked(self.clock.monotonic()),
             on_assigned=self._assigned,
         )
         self.membership = Membership(deadline_s(cfg.kafka), self.clock.monotonic())
         self.metrics.group_join_deadline.set(self.membership.deadline_s)
         consumer.subscribe([cfg.kafka.input_topic], listener=listener)
-        feed = await self._start_webhooks(producer, outbox) if cfg.webhooks.enabled else None
+        feed = await self._start_webhooks(producer) if cfg.webhooks.enabled else None
         self._started = True
-        # Outlives the other loops: finished events still go out during shutdown.
-        publishing = asyncio.create_task(publisher.run(), name="publish")
         loops = [
             asyncio.create_task(intake.run(), name="consume"),
             asyncio.create_task(dispatcher.run(), name="dispatch"),
             asyncio.create_task(committer.run(), name="commit"),
-            asyncio.create_task(
-                self._health_loop(producer, publisher, transactions), name="health"
-            ),
+            asyncio.create_task(self._health_loop(producer), name="health"),
         ]
         if feed is not None:
             loops.append(asyncio.create_task(feed.run(), name="webhooks"))
@@ -264,25 +246,72 @@ class Bridge:
                 await self.webhook_server.stop()
             if feed is not None:
                 await feed.close()
-            publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publishing
 
-    async def _start_webhooks(self, producer: AIOKafkaProducer, outbox: AnyOutbox) -> WebhookFeed:
+    def _delivery_mode(
+        self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+    ) -> DeliveryMode:
+        """The one place that knows both modes exist (``delivery`` in the config)."""
+        cfg, m = self.config, self.metrics
+        mode: DeliveryMode
+        if cfg.delivery == "exactly_once":
+
+            async def restart(part: Partition) -> None:
+                assert self._intake is not None
+                await self._intake.restart(part)
+
+            def fenced(part: Partition, epoch: int) -> None:
+                assert self._intake is not None
+                self._intake.fenced(part, epoch)
+
+            mode = ExactlyOnce(
+                consumer,
+                core=self.core,
+                effects=self.effects,
+                clock=self.clock,
+                config=cfg,
+                metrics=m,
+                restart=restart,
+                fenced=fenced,
+            )
+        else:
+            # Publishes from its own coroutine, which outlives the other loops: finished
+            # events still go out during shutdown.
+            publisher = Publisher(
+                producer,
+                retry_delay=lambda attempt: retry_delay(attempt, 0.5, 10.0, self.rng),
+                on_error=m.publish_failures.inc,
+                on_pending=m.events_pending.set,
+            )
+            mode = AtLeastOnce(
+                consumer,
+                publisher,
+                core=self.core,
+                effects=self.effects,
+                clock=self.clock,
+                config=cfg,
+                metrics=m,
+            )
+        self.effects.mode = mode
+        return mode
+
+    async def _start_webhooks(self, producer: AIOKafkaProducer) -> WebhookFeed:
         """The receiver (deliveries into the webhook topic) and the topic's reader."""
         cfg = self.config
         if not self.webhook_secret:
             raise RuntimeError("webhooks.enabled needs the webhook secret")
         limit = startup_limit_s(cfg.kafka)
         reader = kafka_io.make_reader(cfg.kafka)
-        feed = WebhookFeed(
+        assert self._dispatcher is not None
+        feed = self.webhook_feed = WebhookFeed(
             reader,
             producer,
             core=self.core,
-            outbox=outbox,
+            effects=self.effects,
             clock=self.clock,
             config=cfg,
             replica=self.replica,
+            wake_dispatch=self._dispatcher.wake,  # polls it moves when not live are due now
+            on_partitions=self.metrics.webhook_feed_partitions.set,
         )
         try:
             await bounded(reader.start(), limit, "the webhook topic's reader to connect")
@@ -291,7 +320,7 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(reader.stop(), 5.0)
             raise StartupTimeout("the webhook topic's reader") from None
-        outbox.listeners.append(feed.note)
+        self.effects.listeners.append(feed.note)
         self.webhook_server = WebhookServer(
             cfg.webhooks,
             secret=self.webhook_secret,
@@ -338,25 +367,21 @@ class Bridge:
     async def _health_loop(
         self,
         producer: AIOKafkaProducer,
-        publisher: Publisher,
-        transactions: TransactionalOutbox | None,
     ) -> None:
         input_topic = self.config.kafka.input_topic
         held: frozenset[str] = frozenset()
         while not self._stopping:
             missing = await self.kafka.probe(producer) - {input_topic}
-            if missing != held:  # the outboxes keep the set: tell them of changes only
+            if missing != held and self._mode is not None:  # told of changes only
                 held = missing
-                publisher.hold_topics(held)
-                if transactions is not None:
-                    transactions.hold_topics(held)
+                self._mode.hold_topics(held)
             self.metrics.ready.set(1 if self.readiness()[0] else 0)
             self._watch_membership()
             await asyncio.sleep(self.config.kafka.health_check_interval_s)
 
     async def _shutdown(self, loops: list[asyncio.Task[object]]) -> None:
         """Stop fetching and polling; publish and commit what is finished, within the grace."""
-        assert self._dispatcher is not None and self._outbox is not None
+        assert self._dispatcher is not None and self._mode is not None
         assert self._committer is not None and self._intake is not None
         self._stopping = True
         self.metrics.ready.set(0)
@@ -373,12 +398,10 @@ class Bridge:
         await asyncio.gather(*loops, return_exceptions=True)
         # Polls under way may still turn into events: let them land, then deliver.
         await self._dispatcher.finish(grace_end - time.monotonic() - 1.0)
-        await self._outbox.settled(grace_end - time.monotonic() - 1.0)
-        await self._committer.commit(timeout=max(0.5, min(5.0, grace_end - time.monotonic())))
-        everything = set(self.core.offsets.partitions())
-        await self._outbox.close(everything)
+        everything = set(self.core.active_partitions())
+        await self._mode.hand_over(everything, max(0.5, grace_end - time.monotonic() - 0.5))
         unfinished = len(self.tasks) + len(self.publishing)
-        self._outbox.apply(self.core.release(everything, "shutdown"))
+        self.effects.apply(self.core.release(everything, "shutdown"))
         log.info(
             "stopped",
             unfinished=unfinished,
@@ -388,8 +411,8 @@ class Bridge:
     async def _close(self, clients: kafka_io.Clients | None) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-        if self._outbox is not None:
-            self._outbox.cancel()
+        if self._mode is not None:
+            self._mode.close()
         if clients is not None:
             for client in clients:
                 with contextlib.suppress(Exception):

@@ -13,7 +13,7 @@ from bridge.core.book import SWEEP_INTERVAL_S, Core
 from bridge.core.clock import Clock
 from bridge.core.tasks import Task
 from bridge.edges.api import ApiClient
-from bridge.shell.outbox import AnyOutbox
+from bridge.shell.delivery import Effects
 from bridge.shell.telemetry import Telemetry
 
 
@@ -23,12 +23,12 @@ class Dispatcher:
         *,
         core: Core,
         api: ApiClient,
-        outbox: AnyOutbox,
+        effects: Effects,
         telemetry: Telemetry,
         clock: Clock,
         max_requests: int,
     ) -> None:
-        self._core, self._api, self._outbox = core, api, outbox
+        self._core, self._api, self._effects = core, api, effects
         self._telemetry, self._clock = telemetry, clock
         self._limit = max_requests
         self._requests = 0
@@ -64,7 +64,7 @@ class Dispatcher:
                 self._polls.add(poll)
                 poll.add_done_callback(self._polls.discard)
             expired, waiting = core.expire_overdue(clock.read())
-            self._outbox.apply(expired)
+            self._effects.apply(expired)
             sweep = SWEEP_INTERVAL_S if waiting else None
             if self._requests >= self._limit:
                 await self._sleep(sweep)  # a finishing request wakes us
@@ -88,7 +88,7 @@ class Dispatcher:
             self.wake()
         at = self._clock.read()
         self._telemetry.request_done(outcome, at.mono - started)
-        self._outbox.apply(self._core.on_outcome(task, outcome, at))
+        self._effects.apply(self._core.on_outcome(task, outcome, at))
 
     async def finish(self, timeout: float) -> None:
         """Let the requests under way land (their outcomes may still become events)."""

@@ -1,21 +1,24 @@
-"""Facts and measurements into log lines and Prometheus series: the only place that knows both.
+"""The core's facts and the dispatch loop's measurements into log lines and Prometheus series.
 
-Each fact type from :mod:`bridge.facts` has one small handler here; the loops of the
-shell report their own measurements (a request's duration, a poll's lateness) through
-the methods below, and :meth:`Telemetry.gauges` samples the core's state.
+Every fact type of :data:`bridge.core.facts.Fact` is matched in :meth:`Telemetry.observe`
+(mypy proves the match complete) and has one small handler here. The dispatch loop reports
+each request through :meth:`Telemetry.request_done`, and :meth:`Telemetry.gauges` samples
+the core's state. It is not the only writer of either: other modules of the shell and the
+edges (intake, the delivery modes, the health checks, the webhook receiver, the app's start
+and stop) write their own metrics and log lines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import assert_never
 
 import structlog
 
 from bridge.core import facts
 from bridge.core.book import Core
-from bridge.core.facts import Effect
-from bridge.core.outcomes import Kind, Outcome, error_kind, status_class
+from bridge.core.facts import Fact
+from bridge.core.outcomes import Kind, Outcome, status_class
 from bridge.edges.metrics import Metrics
 
 log = structlog.get_logger("wavespeed_bridge")
@@ -25,30 +28,47 @@ class Telemetry:
     def __init__(self, metrics: Metrics, core: Core, *, now: float) -> None:
         self.metrics = metrics
         self._core = core
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            facts.Consumed: self._consumed,
-            facts.Joined: self._joined,
-            facts.Skipped: self._skipped,
-            facts.DeadLettered: self._dead_lettered,
-            facts.DeadLetterDelivered: self._dead_letter_delivered,
-            facts.Finished: self._finished,
-            facts.Delivered: self._delivered,
-            facts.Paused: self._paused,
-            facts.Released: self._released,
-            facts.Assigned: self._assigned,
-            facts.DeliveryApplied: self._delivery_applied,
-            facts.DeliveryLate: lambda f: self.metrics.webhook_late.inc(),
-            facts.DeliveryExpired: self._delivery_expired,
-        }
         self._budget_wait_seen = 0.0
         self._taken_seen = 0  # scheduler.taken at the last gauge sample
         self._sampled_at = now
 
-    def observe(self, effects: Iterable[Effect]) -> None:
-        for fact in effects:
-            handler = self._handlers.get(type(fact))
-            if handler is not None:
-                handler(fact)
+    def observe(self, observed: Iterable[Fact]) -> None:
+        """Report facts. A :class:`~bridge.core.facts.Publish` never comes here: the shell
+        routes it to the delivery mode."""
+        for fact in observed:
+            match fact:
+                case facts.Consumed():
+                    self._consumed(fact)
+                case facts.Joined():
+                    self._joined(fact)
+                case facts.Revived():
+                    self._revived(fact)
+                case facts.Skipped():
+                    self._skipped(fact)
+                case facts.DeadLettered():
+                    self._dead_lettered(fact)
+                case facts.DeadLetterDelivered():
+                    self._dead_letter_delivered(fact)
+                case facts.Finished():
+                    self._finished(fact)
+                case facts.Delivered():
+                    self._delivered(fact)
+                case facts.Paused():
+                    self._paused(fact)
+                case facts.Released():
+                    self._released(fact)
+                case facts.Assigned():
+                    self._assigned(fact)
+                case facts.DeliveryApplied():
+                    self._delivery_applied(fact)
+                case facts.DeliveryLate():
+                    self.metrics.webhook_late.inc()
+                case facts.DeliveryExpired():
+                    self._delivery_expired(fact)
+                case facts.WebhookFeed():
+                    self._webhook_feed(fact)
+                case _:
+                    assert_never(fact)
 
     # --- facts -----------------------------------------------------------------------------
 
@@ -71,6 +91,17 @@ class Telemetry:
             task_id=f.task_id,
             partition=f.partition,
             offset=f.offset,
+        )
+
+    def _revived(self, f: facts.Revived) -> None:
+        # Not counted: "partitions assigned" already says how many parked tasks were kept to
+        # be revived, and a revived task goes on as if never parked. Traced at debug level.
+        log.debug(
+            "parked task revived",
+            task_id=f.task.task_id,
+            polls=f.task.polls,
+            partition=f.task.origins[0][1] if f.task.origins else None,
+            offset=f.task.origins[0][2] if f.task.origins else None,
         )
 
     def _skipped(self, f: facts.Skipped) -> None:
@@ -135,6 +166,17 @@ class Telemetry:
             self.metrics.webhook_deliveries.labels("unknown_task").inc()
             log.info("webhook delivery for a task no replica took", task_id=f.task_id)
 
+    def _webhook_feed(self, f: facts.WebhookFeed) -> None:
+        self.metrics.webhook_feed_live.set(1 if f.live else 0)
+        if f.live:
+            log.info("webhook feed live: polls wait for deliveries")
+        else:  # deliveries may be missed: every task is polled as without webhooks
+            log.warning(
+                "webhook feed not live: polls follow the schedule",
+                why=f.why,
+                rescheduled=f.rescheduled,
+            )
+
     def _paused(self, f: facts.Paused) -> None:
         if f.added_s:
             self.metrics.paused_seconds.labels(f.reason).inc(f.added_s)
@@ -178,9 +220,8 @@ class Telemetry:
         m.api_request_duration.observe(seconds)
         m.api_responses.labels(status_class(outcome.status_code)).inc()
         m.api_up.set(0 if outcome.kind in (Kind.TRANSIENT, Kind.AUTH) else 1)
-        kind = error_kind(outcome)
-        if kind is not None:
-            m.api_errors.labels(kind).inc()
+        if outcome.error is not None:
+            m.api_errors.labels(outcome.error.value).inc()
         if outcome.kind is Kind.AUTH:
             m.auth_errors.inc()
         elif outcome.kind is Kind.RATE_LIMITED:
@@ -189,25 +230,22 @@ class Telemetry:
     def gauges(self, now: float, lag: int | None) -> None:
         """Sample the core's state (every commit interval)."""
         m, core = self.metrics, self._core
-        scheduler = core.scheduler
+        sample = core.sample(now)
         m.in_flight.set(core.in_flight)
-        m.due.set(scheduler.ready_count(now))
-        m.budget_wait.inc(max(0.0, scheduler.budget_wait_s - self._budget_wait_seen))
-        self._budget_wait_seen = scheduler.budget_wait_s
-        budget = scheduler.budget
-        if budget is not None and now > self._sampled_at:
-            allowed = budget.rate * (now - self._sampled_at)
-            spent = scheduler.taken - self._taken_seen
+        m.due.set(sample.due)
+        m.budget_wait.inc(max(0.0, sample.budget_wait_s - self._budget_wait_seen))
+        self._budget_wait_seen = sample.budget_wait_s
+        if sample.budget_rate is not None and now > self._sampled_at:
+            allowed = sample.budget_rate * (now - self._sampled_at)
+            spent = sample.taken - self._taken_seen
             m.budget_utilization.set(min(1.0, spent / allowed))
-        self._sampled_at, self._taken_seen = now, scheduler.taken
-        stats = getattr(core.policy, "model_stats", None)  # only learning policies have it
-        if stats is not None:
-            for model, (median, p90) in stats().items():
-                label = m.model_label(model)
-                m.model_completion.labels(label, "50").set(median)
-                m.model_completion.labels(label, "90").set(p90)
+        self._sampled_at, self._taken_seen = now, sample.taken
+        for model, (median, p90) in sample.model_stats.items():
+            label = m.model_label(model)
+            m.model_completion.labels(label, "50").set(median)
+            m.model_completion.labels(label, "90").set(p90)
         if lag is not None:
             m.consumer_lag.set(lag)
         m.offset_map_bytes.clear()
-        for (_, partition), size in core.commits.map_bytes.items():
+        for (_, partition), size in core.map_sizes().items():
             m.offset_map_bytes.labels(str(partition)).set(size)

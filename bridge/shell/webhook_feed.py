@@ -7,12 +7,21 @@ receiver only publishes it (``bridge.webhook_server``) and each replica reads th
 a task not tracked here is remembered a while (its record may come later). When a replica
 acts on a delivery, it appends a small mark (header ``applied-by``) to the same topic, so the
 others forget it, and the replica that received it can tell a delivery no task took.
+
+Two loops. One reads. The other watches, every ``CHECK_INTERVAL_S``: it looks for the
+topic's partitions (every ``LOOK_MISSING_S`` until the topic exists, then every
+``LOOK_INTERVAL_S``, so a partition count that grows is followed) and says whether the
+feed is *live*: every partition of the topic read, reads not failing, and each position at
+or past the end offset seen one check before. The core hears of every change
+(``Core.webhook_feed``): polls wait for deliveries only while the feed is live, since a
+delivery cannot reach a replica that does not read it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -33,9 +42,62 @@ from bridge.core.webhook_signature import (
     BadDelivery,
     parse_delivery,
 )
-from bridge.shell.outbox import AnyOutbox
+from bridge.shell.delivery import Effects
 
 log = structlog.get_logger("wavespeed_bridge.webhooks")
+
+# Liveness is checked this often: a delivery the feed does not read is noticed within two
+# checks, well inside a poll interval, so polls deferred for it are not late by much.
+CHECK_INTERVAL_S = 0.5
+# The topic's partitions are looked up this often once found, and while it is missing. A
+# lookup is one metadata request for every topic, as the health probe's.
+LOOK_INTERVAL_S = 5.0
+LOOK_MISSING_S = 1.0
+# A lookup, a check or a change of partitions taking longer than this has failed.
+REQUEST_TIMEOUT_S = 5.0
+FETCH_TIMEOUT_MS = 200
+
+
+def to_read(assigned: frozenset[int], found: frozenset[int] | None) -> tuple[frozenset[int], bool]:
+    """The partitions to start reading, and whether from their beginning.
+
+    Partitions that appear in a topic already read are new: everything in them is recent,
+    so they are read from the start. The first ones found are read from
+    ``webhooks.pending_ttl_s`` ago (the topic may be old). Partitions never go away in Kafka;
+    a topic missing from the metadata (``found`` None) adds nothing.
+    """
+    if not found:
+        return frozenset(), False
+    return found - assigned, bool(assigned)
+
+
+def not_live(
+    found: frozenset[int] | None,
+    assigned: frozenset[int],
+    failing: str | None,
+    positions: Mapping[int, int],
+    ends_before: Mapping[int, int],
+) -> str | None:
+    """Why the feed is not live, or None when it is.
+
+    Live: the topic was ``found`` and every partition of it is ``assigned`` (read from its
+    start offset), reads are not ``failing``, and each partition's position has reached the
+    end offset seen one check before (``ends_before``): whatever was in the topic then has
+    been read. A partition without such an end offset yet is still being caught up on.
+    """
+    if not found:
+        return "the webhook topic is not in the brokers' metadata"
+    unread = found - assigned
+    if unread:
+        return f"partitions {sorted(unread)} not read yet"
+    if failing is not None:
+        return f"reads failing ({failing})"
+    behind = sorted(
+        p for p in assigned if p not in ends_before or positions.get(p, -1) < ends_before[p]
+    )
+    if behind:
+        return f"partitions {behind} not caught up"
+    return None
 
 
 class WebhookFeed:
@@ -45,67 +107,115 @@ class WebhookFeed:
         producer: AIOKafkaProducer,
         *,
         core: Core,
-        outbox: AnyOutbox,
+        effects: Effects,
         clock: Clock,
         config: Config,
         replica: str,
+        wake_dispatch: Callable[[], None],
+        on_partitions: Callable[[int], None],
     ) -> None:
         self._consumer, self._producer = consumer, producer
-        self._core, self._outbox, self._clock = core, outbox, clock
+        self._core, self._effects, self._clock = core, effects, clock
+        self._wake = wake_dispatch  # polls moved earlier, or a delivery's poll, are due now
+        self._on_partitions = on_partitions
         self._topic = config.webhooks.topic
         self._ttl = config.webhooks.pending_ttl_s
         self.replica = replica
         self._marks: set[asyncio.Task[Any]] = set()
+        self._found: frozenset[int] | None = None  # the topic's partitions, as last looked up
+        self._assigned: frozenset[int] = frozenset()  # read, each from its start offset
+        self._failing: str | None = None  # why the last read failed, until one succeeds
+        self.live: bool | None = None  # None until the first verdict
 
     async def start(self) -> None:
-        """Assign every partition of the topic, from ``pending_ttl_s`` ago."""
-        consumer = self._consumer
-        partitions: set[int] | None = None
-        for _ in range(50):
-            partitions = consumer.partitions_for_topic(self._topic)
-            if partitions:
-                break
-            await consumer._client.force_metadata_update()
-            await asyncio.sleep(0.1)
-        tps = [TopicPartition(self._topic, p) for p in sorted(partitions or {0})]
-        consumer.assign(tps)
-        since = int((self._clock.time() - self._ttl) * 1000)
-        found = await consumer.offsets_for_times({tp: since for tp in tps})
-        for tp in tps:
-            at = found.get(tp)
-            if at is not None:
-                consumer.seek(tp, at.offset)
-            else:
-                await consumer.seek_to_end(tp)
+        """One look for the topic and, if it is there, its partitions assigned. A topic not
+        found yet is looked for by :meth:`run`: start-up never waits for it."""
+        with contextlib.suppress(KafkaError, TimeoutError):
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await self._look()
+                await self._follow()
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._read())
+            loops.create_task(self._watch())
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def _read(self) -> None:
         while True:
             try:
-                batch = await self._consumer.getmany(timeout_ms=200)
-            except KafkaError as exc:
-                log.warning("webhook topic not readable, retrying", error=type(exc).__name__)
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    await self._follow()
+                if not self._assigned:  # the topic is not there yet: the watcher looks
+                    await asyncio.sleep(CHECK_INTERVAL_S)
+                    continue
+                batch = await self._consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
+            except (KafkaError, TimeoutError) as exc:
+                if self._failing is None:
+                    log.warning("webhook topic not readable, retrying", error=type(exc).__name__)
+                self._failing = type(exc).__name__
                 await asyncio.sleep(1.0)
                 continue
+            self._failing = None
+            took = False
             for records in batch.values():
                 for record in records:
-                    self._take(record)
-            self._outbox.apply(self._core.expire_deliveries(self._clock.monotonic()))
+                    took = self._take(record) or took
+            self._effects.apply(self._core.expire_deliveries(self._clock.monotonic()))
+            if took:
+                self._wake()  # with confirm_by_poll, a delivery's poll is due at once
 
-    def _take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _follow(self) -> None:
+        """Start reading the partitions found and not read yet. Assigning replaces the
+        assignment, so the partitions already read keep their positions by a seek."""
+        added, from_start = to_read(self._assigned, self._found)
+        if not added:
+            return
+        consumer = self._consumer
+        keep = {tp: await consumer.position(tp) for tp in self._tps(self._assigned)}
+        consumer.assign(self._tps(self._assigned | added))
+        for tp, offset in keep.items():
+            consumer.seek(tp, offset)
+        new = self._tps(added)
+        if from_start:
+            if not await consumer.seek_to_beginning(*new):
+                raise TimeoutError("seek to the beginning")
+        else:
+            # The end offsets before the lookup by time: where a partition with nothing from
+            # the last pending_ttl_s starts, without skipping a record that comes meanwhile.
+            ends = await consumer.end_offsets(new)
+            since = int((self._clock.time() - self._ttl) * 1000)
+            found = await consumer.offsets_for_times(dict.fromkeys(new, since))
+            for tp in new:
+                at = found.get(tp)
+                consumer.seek(tp, at.offset if at is not None else ends[tp])
+        self._assigned |= added
+        self._on_partitions(len(self._assigned))
+        log.info(
+            "reading the webhook topic",
+            topic=self._topic,
+            partitions=sorted(self._assigned),
+            added=sorted(added),
+            start="beginning" if from_start else f"{self._ttl:g}s ago",
+        )
+
+    def _take(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        """One record of the topic; whether the core was told of a delivery."""
         headers = {k: v or b"" for k, v in (record.headers or ())}
         task_id = (record.key or b"").decode("utf-8", "replace")
         if APPLIED_BY_HEADER in headers:
             if headers[APPLIED_BY_HEADER].decode("utf-8", "replace") != self.replica:
                 self._core.delivery_applied(task_id)
-            return
+            return False
         parsed = parse_delivery(record.value or b"")
         if isinstance(parsed, BadDelivery):  # the receiver checked it; written by another tool?
             log.warning("unreadable record on the webhook topic", reason=parsed.reason)
-            return
+            return False
         received = parse_timestamp(headers.get(RECEIVED_AT_HEADER, b"").decode("utf-8", "replace"))
         if received is None:  # not from our receiver: when the broker took it
             received = record.timestamp / 1000.0
-        self._outbox.apply(
+        self._effects.apply(
             self._core.on_delivery(
                 parsed.task_id,
                 parsed.outcome,
@@ -116,9 +226,65 @@ class WebhookFeed:
                 at=self._clock.read(),
             )
         )
+        return True
+
+    # --- watching --------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        looked_at = float("-inf")
+        ends_before: dict[int, int] | None = None  # None: the first turn only measures
+        while True:
+            now = self._clock.monotonic()
+            if now - looked_at >= (LOOK_INTERVAL_S if self._found else LOOK_MISSING_S):
+                looked_at = now
+                with contextlib.suppress(KafkaError, TimeoutError):  # looked for again
+                    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                        await self._look()
+            positions, ends, error = await self._measure()
+            if ends_before is not None:
+                failing = error or self._failing
+                self._report(not_live(self._found, self._assigned, failing, positions, ends_before))
+            ends_before = ends
+            await asyncio.sleep(CHECK_INTERVAL_S)
+
+    async def _look(self) -> None:
+        """The topic's partitions, from a metadata request for every topic: one naming the
+        topic would create it, with the brokers' default partition count, on brokers that
+        create topics on demand."""
+        metadata = await self._producer.client.fetch_all_metadata()
+        partitions = metadata.partitions_for_topic(self._topic)
+        self._found = frozenset(partitions) if partitions else None
+
+    async def _measure(self) -> tuple[dict[int, int], dict[int, int], str | None]:
+        """The positions and end offsets of the partitions read, or why they are unknown.
+        Positions first: a record that comes between the two is checked at the next turn."""
+        tps = self._tps(self._assigned)
+        if not tps:
+            return {}, {}, None
+        consumer = self._consumer
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                positions = {tp.partition: await consumer.position(tp) for tp in tps}
+                ends = await consumer.end_offsets(tps)
+        except (KafkaError, TimeoutError) as exc:
+            return {}, {}, f"end offsets unknown: {type(exc).__name__}"
+        return positions, {tp.partition: offset for tp, offset in ends.items()}, None
+
+    def _report(self, why: str | None) -> None:
+        live = why is None
+        if live == self.live:
+            return
+        self.live = live
+        self._effects.apply(self._core.webhook_feed(live, self._clock.monotonic(), why or ""))
+        self._wake()
+
+    def _tps(self, partitions: frozenset[int]) -> list[TopicPartition]:
+        return [TopicPartition(self._topic, p) for p in sorted(partitions)]
+
+    # --- marks -----------------------------------------------------------------------------
 
     def note(self, effect: Effect) -> None:
-        """After the outbox: a delivery acted on here is marked on the topic."""
+        """After telemetry: a delivery acted on here is marked on the topic."""
         if isinstance(effect, facts.DeliveryApplied):
             mark = asyncio.ensure_future(self._mark(effect.task.task_id, effect.webhook_id))
             self._marks.add(mark)

@@ -1,32 +1,43 @@
-"""The outbox: records out to the broker until acknowledged, acknowledgements back to the core.
+"""At least once: one idempotent producer publishes every event (``acks=all``), and the
+group's offsets are committed on their own, each only once what it answers is acknowledged.
 
 :class:`Publisher` feeds the producer in order from one coroutine and retries with backoff;
-:class:`Outbox` carries out the core's effects (a :class:`~bridge.facts.Publish` becomes a
-produce, every fact goes to telemetry) and hands each acknowledgement back to the core by
-its ticket.
+:class:`AtLeastOnce` is the delivery mode (``bridge.shell.delivery``) built on it: the
+commit is one past the longest finished prefix of each partition, with the offsets finished
+above it as the commit's metadata (the offset map), so whoever takes the partition next
+skips them. A broker that drops commit metadata (Tansu) is detected at the first commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, OffsetMetadataTooLargeError
+from aiokafka.structs import OffsetAndMetadata
 
+from bridge.config import Config
 from bridge.core.book import Core, Partition
 from bridge.core.clock import Clock
 from bridge.core.events import OutputRecord
-from bridge.core.facts import Effect, Publish
-from bridge.shell.telemetry import Telemetry
+from bridge.core.facts import Publish
+from bridge.core.partitions import Planned
+from bridge.edges import kafka as kafka_io
+from bridge.edges.metrics import Metrics
+from bridge.shell.bounded import bounded
+from bridge.shell.delivery import Effects, Start, read_starts
 
-log = structlog.get_logger("wavespeed_bridge.outbox")
+log = structlog.get_logger("wavespeed_bridge")
 
 RETRY_LOG_INTERVAL_S = 5.0
+COMMIT_TIMEOUT_S = 10.0
+HAND_OVER_COMMIT_S = 5.0  # of a hand-over's time, what the last commit may take
 
 
 @dataclass(slots=True)
@@ -162,62 +173,111 @@ class Publisher:
             d.done.set_result(None)
 
 
-class AnyOutbox(Protocol):
-    """What the loops need of an outbox: :class:`Outbox` (at least once) or
-    ``transactions.TransactionalOutbox`` (exactly once)."""
-
-    listeners: list[Callable[[Effect], None]]
-
-    def apply(self, effects: Iterable[Effect]) -> None: ...
-
-    async def settled(self, timeout: float) -> None: ...
-
-    async def open(self, partitions: set[Partition]) -> None: ...
-
-    async def close(self, partitions: set[Partition]) -> None: ...
-
-    def cancel(self) -> None: ...
-
-
-class Outbox:
-    """Carries out the core's effects and reports acknowledgements back to it."""
+class AtLeastOnce:
+    """The delivery mode ``at_least_once``: see the module's docstring."""
 
     def __init__(
-        self, publisher: Publisher, core: Core, telemetry: Telemetry, clock: Clock
+        self,
+        consumer: AIOKafkaConsumer,
+        publisher: Publisher,
+        *,
+        core: Core,
+        effects: Effects,
+        clock: Clock,
+        config: Config,
+        metrics: Metrics,
     ) -> None:
-        self.publisher = publisher
-        self._core, self._telemetry, self._clock = core, telemetry, clock
+        self._consumer, self._publisher = consumer, publisher
+        self._core, self._effects, self._clock = core, effects, clock
+        self._config, self._metrics = config, metrics
         self._unsettled: set[asyncio.Future[None]] = set()
-        self.listeners: list[Callable[[Effect], None]] = []  # facts, after telemetry
+        self._metadata_checked = False
+        self._publishing = asyncio.create_task(publisher.run(), name="publish")
 
-    def apply(self, effects: Iterable[Effect]) -> None:
-        for effect in effects:
-            if isinstance(effect, Publish):
-                self._send(effect)
-            else:
-                self._telemetry.observe((effect,))
-                for listener in self.listeners:
-                    listener(effect)
+    async def start(self, partitions: set[Partition]) -> dict[Partition, Start]:
+        return await read_starts(self._consumer, partitions, self._config.kafka)
 
-    def _send(self, p: Publish) -> None:
+    def publish(self, p: Publish) -> None:
         def on_ack() -> None:
-            self._telemetry.observe(self._core.acknowledged(p.ticket, self._clock.read()))
+            self._effects.report(self._core.acknowledged(p.ticket, self._clock.read()))
 
-        done = self.publisher.publish(p.record, on_ack, p.reduced)
+        done = self._publisher.publish(p.record, on_ack, p.reduced)
         self._unsettled.add(done)
         done.add_done_callback(self._unsettled.discard)
 
-    async def settled(self, timeout: float) -> None:
-        """Until every record produced so far is acknowledged (or ``timeout``)."""
-        if self._unsettled and timeout > 0:
-            await asyncio.wait(list(self._unsettled), timeout=timeout)
+    async def commit(self, only: set[Partition] | None = None) -> None:
+        """Each partition's position with its offset map as metadata."""
+        core = self._core
+        plan = core.commit_plan(only)
+        if not plan:
+            return
+        request = {
+            TopicPartition(*part): OffsetAndMetadata(p.position, p.metadata)
+            for part, p in plan.items()
+        }
+        try:
+            await asyncio.wait_for(self._consumer.commit(request), COMMIT_TIMEOUT_S)
+        except OffsetMetadataTooLargeError:
+            log.error(
+                "the broker refused the offset map as too large: lower"
+                " kafka.offset_metadata_max_bytes to its offset.metadata.max.bytes",
+                now_using=core.metadata_refused(),
+            )
+            return
+        except (KafkaError, TimeoutError) as exc:
+            self._metrics.commit_failures.inc()
+            log.warning("commit failed, will retry", error=type(exc).__name__)
+            return
+        core.committed(plan)
+        self._metrics.commits.inc()
+        if not self._metadata_checked:
+            await self._check_metadata(plan)
 
-    async def open(self, partitions: set[Partition]) -> None:
-        """Nothing per partition: one producer serves them all."""
+    async def _check_metadata(self, plan: dict[Partition, Planned]) -> None:
+        """Read one commit back, once: a broker that drops metadata (Tansu) turns the
+        offset maps off, said once, and the bridge commits as it did without them."""
+        part = next((p for p, planned in plan.items() if planned.metadata), None)
+        if part is None:
+            return
+        try:
+            back = await bounded(
+                kafka_io.committed_offsets(self._consumer, {TopicPartition(*part)}),
+                kafka_io.OFFSETS_TIMEOUT_S,
+                "a commit read back",
+            )
+        except (KafkaError, TimeoutError):
+            return  # asked again after the next commit
+        self._metadata_checked = True
+        stored = back.get(TopicPartition(*part), (None, ""))[1]
+        if stored == plan[part].metadata:
+            return
+        self._core.metadata_dropped()
+        self._metrics.commit_metadata_supported.set(0)
+        log.warning(
+            "the broker drops commit metadata: offset maps are off, records finished out of"
+            " order above a commit are processed again after a restart or rebalance"
+        )
 
-    async def close(self, partitions: set[Partition]) -> None:
-        """Nothing per partition: one producer serves them all."""
+    async def hand_over(self, partitions: set[Partition], timeout: float) -> None:
+        """Events under way get what ``timeout`` leaves after the commit's share to be
+        acknowledged (each one saves a duplicate); then the finished prefix of
+        ``partitions`` is committed."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        settle = timeout - min(HAND_OVER_COMMIT_S, timeout / 2)
+        if self._unsettled and settle > 0:
+            await asyncio.wait(list(self._unsettled), timeout=settle)
+        with contextlib.suppress(TimeoutError):  # the next owner repeats what is uncommitted
+            await bounded(
+                self.commit(only=partitions),
+                max(0.0, end - loop.time()),
+                "the last commit of partitions leaving this member",
+            )
 
-    def cancel(self) -> None:
+    def hold_topics(self, missing: frozenset[str]) -> None:
+        self._publisher.hold_topics(missing)
+
+    def close(self) -> None:
         for done in self._unsettled:
             done.cancel()
+        self._publishing.cancel()

@@ -1,0 +1,349 @@
+"""Exactly once: per input partition, its events and its input offset (with the offset map)
+in one Kafka transaction, committed every commit interval.
+
+Transactional ids are ``<prefix>-<input topic>-<partition>`` (prefix: ``kafka.
+transactional_id_prefix``, else the group id), one producer per assigned partition. Kafka
+keeps one live producer epoch per transactional id: the member that gets a partition
+initialises its id, which aborts whatever the previous owner left open and fences that
+owner, so a replica frozen past its session and resumed (a zombie) gets every later
+transaction refused. aiokafka's ``send_offsets_to_transaction`` carries no group
+generation (KIP-447), so a single id per process could not fence; one id per partition
+needs nothing of the client but the protocol's oldest transactional guarantee.
+
+Each partition is a :class:`_Lane`, opened in one of the partition's epochs
+(``bridge.core.partitions``): events are sent into its open transaction as soon as they
+are built (the producer batches them meanwhile), and at each commit tick the lane adds its
+offset and commits, so a commit waits for little and an event is visible within about one
+commit interval. A transaction that fails is aborted and the partition starts again from
+its committed offset (a new epoch): its tasks are parked and revived when their records
+come back, and their events go out in a later transaction. A fenced lane's partition is
+left to its new owner. The core drops what a lane reports for an epoch gone by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import IllegalOperation, KafkaError, MessageSizeTooLargeError, ProducerFenced
+from aiokafka.structs import OffsetAndMetadata
+
+from bridge.config import Config
+from bridge.core.book import Core, Partition
+from bridge.core.clock import Clock
+from bridge.core.facts import Publish
+from bridge.edges import kafka as kafka_io
+from bridge.edges.metrics import Metrics
+from bridge.shell.bounded import bounded
+from bridge.shell.delivery import Effects, Start, read_starts
+
+log = structlog.get_logger("wavespeed_bridge.transactions")
+
+TRANSACTION_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+
+
+def transactional_id(config: Config, part: Partition) -> str:
+    prefix = config.kafka.transactional_id_prefix or config.kafka.group_id
+    return f"{prefix}-{part[0]}-{part[1]}"
+
+
+class _Failed(Exception):
+    """The lane's transaction cannot commit: abort it."""
+
+
+def _fenced(exc: BaseException) -> bool:
+    """Fenced, whether at the commit or earlier, when a record was sent into it."""
+    return isinstance(exc, ProducerFenced) or isinstance(exc.__cause__, ProducerFenced)
+
+
+class _Lane:
+    """One input partition's producer and its open transaction, for one of its epochs."""
+
+    def __init__(self, part: Partition, epoch: int, producer: AIOKafkaProducer) -> None:
+        self.part, self.epoch, self.producer = part, epoch, producer
+        self.queue: collections.deque[Publish] = collections.deque()  # not sent yet
+        self.sent: list[tuple[Publish, asyncio.Future[Any] | None]] = []  # in the transaction
+        self.open = False  # a transaction is begun
+        self.failure: BaseException | None = None  # a send into it failed
+        self.lock = asyncio.Lock()  # sending and committing take turns
+        self.wake = asyncio.Event()
+        self.feeder: asyncio.Task[None] | None = None
+
+
+class ExactlyOnce:
+    """The delivery mode ``exactly_once``: see the module's docstring."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        *,
+        core: Core,
+        effects: Effects,
+        clock: Clock,
+        config: Config,
+        metrics: Metrics,
+        restart: Callable[[Partition], Awaitable[None]],
+        fenced: Callable[[Partition, int], None] = lambda part, epoch: None,
+        make_producer: Callable[[str], AIOKafkaProducer] | None = None,
+    ) -> None:
+        self._consumer = consumer
+        self._core, self._effects, self._clock = core, effects, clock
+        self._config, self._metrics = config, metrics
+        self._restart = restart  # fetch the partition again from its committed offset
+        self._fenced = fenced  # another member has the partition: watch for its return
+        self._make_producer = make_producer or (
+            lambda tid: kafka_io.make_producer(config.kafka, transactional_id=tid)
+        )
+        self._lanes: dict[Partition, _Lane] = {}
+        self._waiting: dict[Partition, list[Publish]] = {}  # for a partition without a lane
+        self._busy: dict[Partition, asyncio.Task[None]] = {}  # a commit under way
+        self._missing: frozenset[str] = frozenset()  # topics the brokers do not list
+
+    # --- the delivery mode -----------------------------------------------------------------
+
+    async def start(self, partitions: set[Partition]) -> dict[Partition, Start]:
+        """Initialise each new partition's transactional id first: it fences the previous
+        owner and aborts what it left open, before the committed offset is read."""
+        await self._open(partitions)
+        return await read_starts(self._consumer, partitions, self._config.kafka)
+
+    def publish(self, p: Publish) -> None:
+        assert p.partition is not None, "exactly-once records name their input partition"
+        lane = self._lanes.get(p.partition)
+        if lane is None:
+            self._waiting.setdefault(p.partition, []).append(p)
+        else:
+            lane.queue.append(p)
+            lane.wake.set()
+        self._count_pending()
+
+    async def commit(self, only: set[Partition] | None = None) -> None:
+        """Commit each partition's transaction (its offset added), each in its own task: a
+        commit is never cancelled half way (a caller's time limit only stops the waiting).
+        Only a partition active here has its id initialised (a lane that could not start
+        is tried again): initialising another's would fence its owner."""
+        active = self._core.active_partitions()
+        parts = set(active) | set(self._lanes) | set(self._waiting)
+        if only is not None:
+            parts &= only
+        await self._open({p for p in parts if p in active})
+        for part in sorted(parts):
+            lane = self._lanes.get(part)
+            if lane is not None and part not in self._busy:
+                task = asyncio.create_task(self._commit(lane), name=f"txn-{part[1]}")
+                self._busy[part] = task
+                task.add_done_callback(functools.partial(self._done, part))
+        running = [self._busy[p] for p in parts if p in self._busy]
+        if running:
+            await asyncio.wait(running, timeout=TRANSACTION_TIMEOUT_S)
+
+    async def hand_over(self, partitions: set[Partition], timeout: float) -> None:
+        """The partitions' last transactions, then their producers are stopped."""
+        with contextlib.suppress(TimeoutError):  # what is uncommitted is the next owner's
+            await bounded(
+                self.commit(only=partitions),
+                timeout,
+                "the last transactions of partitions leaving this member",
+            )
+        running = [self._busy[p] for p in partitions if p in self._busy]
+        if running:  # a commit under way plans its offsets from the partition's state
+            _, late = await asyncio.wait(running, timeout=TRANSACTION_TIMEOUT_S)
+            if late:
+                log.warning(
+                    "gave up waiting",
+                    waited_for=f"{len(late)} transactions of leaving partitions to commit",
+                    limit_s=TRANSACTION_TIMEOUT_S,
+                )
+        lanes = [lane for p in partitions if (lane := self._lanes.pop(p, None)) is not None]
+        for part in partitions:
+            self._waiting.pop(part, None)
+        await asyncio.gather(*(self._stop(lane) for lane in lanes))
+        self._count_pending()
+
+    def hold_topics(self, missing: frozenset[str]) -> None:
+        self._missing = missing
+        if not missing:
+            for lane in self._lanes.values():
+                lane.wake.set()
+
+    def close(self) -> None:
+        for task in list(self._busy.values()):
+            task.cancel()
+        for lane in self._lanes.values():
+            if lane.feeder is not None:
+                lane.feeder.cancel()
+
+    # --- lanes ---------------------------------------------------------------------------
+
+    async def _open(self, partitions: set[Partition]) -> None:
+        await asyncio.gather(*(self._open_one(p) for p in partitions if p not in self._lanes))
+
+    async def _open_one(self, part: Partition) -> None:
+        epoch = self._core.epoch(part)
+        if epoch is None:
+            return  # not this member's (any more)
+        producer = self._make_producer(transactional_id(self._config, part))
+        try:
+            await bounded(producer.start(), TRANSACTION_TIMEOUT_S, f"the producer of {part}")
+        except (KafkaError, TimeoutError) as exc:
+            if isinstance(exc, KafkaError):
+                log.warning(
+                    "transactional producer not started", partition=part[1], error=repr(exc)
+                )
+            await self._stop_producer(producer)
+            return  # tried again at the next commit
+        if self._core.epoch(part) != epoch or part in self._lanes:
+            await self._stop_producer(producer)  # the partition moved on meanwhile
+            return
+        lane = self._lanes[part] = _Lane(part, epoch, producer)
+        lane.queue.extend(self._waiting.pop(part, ()))
+        lane.feeder = asyncio.create_task(self._feed(lane), name=f"txn-feed-{part[1]}")
+        lane.wake.set()
+
+    def _drop(self, lane: _Lane) -> None:
+        """Forget a lane whose producer cannot go on; stopped in the background."""
+        if self._lanes.get(lane.part) is lane:
+            del self._lanes[lane.part]
+        if lane.feeder is not None:
+            lane.feeder.cancel()
+        stopping = asyncio.ensure_future(lane.producer.stop())
+        stopping.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _stop(self, lane: _Lane) -> None:
+        if lane.feeder is not None:
+            lane.feeder.cancel()
+        await self._stop_producer(lane.producer)
+
+    @staticmethod
+    async def _stop_producer(producer: AIOKafkaProducer) -> None:
+        # Best effort: whatever a producer that did not stop left open, the broker aborts
+        # when the next owner initialises the id.
+        with contextlib.suppress(Exception):
+            await bounded(producer.stop(), STOP_TIMEOUT_S, "a transactional producer to stop")
+
+    def _count_pending(self) -> None:
+        pending = sum(len(w) for w in self._waiting.values()) + sum(
+            len(lane.queue) + len(lane.sent) for lane in self._lanes.values()
+        )
+        self._metrics.events_pending.set(pending)
+
+    # --- sending into the open transaction ------------------------------------------------
+
+    async def _feed(self, lane: _Lane) -> None:
+        while True:
+            await lane.wake.wait()
+            lane.wake.clear()
+            async with lane.lock:
+                await self._send_queued(lane)
+
+    async def _send_queued(self, lane: _Lane) -> None:
+        while lane.queue and lane.failure is None:
+            if lane.queue[0].record.topic in self._missing:
+                return
+            try:
+                if not lane.open:
+                    await lane.producer.begin_transaction()
+                    lane.open = True
+                p = lane.queue.popleft()
+                lane.sent.append((p, await self._send(lane.producer, p)))
+            except Exception as exc:  # the commit aborts and restarts the partition
+                lane.failure = exc
+                return
+
+    async def _send(self, producer: AIOKafkaProducer, p: Publish) -> asyncio.Future[Any] | None:
+        """Queue one record in the transaction; a record that can never be sent is replaced
+        by its reduced form, else given up (its input offset moves on, as at least once)."""
+        for record in (p.record, p.reduced() if p.reduced is not None else None):
+            if record is None:
+                break
+            try:
+                future: asyncio.Future[Any] = await producer.send(
+                    record.topic, value=record.value, key=record.key, headers=record.headers
+                )
+                return future
+            except MessageSizeTooLargeError:
+                log.error("record cannot be published", topic=record.topic, error="too large")
+        return None
+
+    # --- committing ----------------------------------------------------------------------
+
+    def _done(self, part: Partition, task: asyncio.Task[None]) -> None:
+        self._busy.pop(part, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("transaction failed", partition=part[1], exc_info=task.exception())
+
+    async def _commit(self, lane: _Lane) -> None:
+        core, part, metrics = self._core, lane.part, self._metrics
+        async with lane.lock:
+            await self._send_queued(lane)
+            tickets = [p.ticket for p, _ in lane.sent]
+            plan = core.transaction_plan(part, tickets)
+            if not lane.sent and plan is None and lane.failure is None:
+                return
+            sent, lane.sent = lane.sent, []
+            try:
+                if lane.failure is not None:
+                    raise _Failed from lane.failure
+                if not lane.open:
+                    await lane.producer.begin_transaction()
+                    lane.open = True
+                if plan is not None:
+                    offsets = {
+                        TopicPartition(*part): OffsetAndMetadata(plan.position, plan.metadata)
+                    }
+                    await lane.producer.send_offsets_to_transaction(
+                        offsets, self._config.kafka.group_id
+                    )
+                await asyncio.wait_for(lane.producer.commit_transaction(), TRANSACTION_TIMEOUT_S)
+                await asyncio.gather(*(f for _, f in sent if f is not None))
+            # IllegalOperation: the producer left the transaction after an error of its own.
+            except (KafkaError, TimeoutError, IllegalOperation, _Failed) as exc:
+                await self._failed(lane, exc)
+                return
+            finally:
+                lane.open = False
+                self._count_pending()
+        metrics.transactions.labels("committed").inc()
+        at = self._clock.read()
+        planned = {part: plan} if plan is not None else {}
+        self._effects.report(core.transaction_committed(tickets, planned, at))
+        metrics.commits.inc()
+
+    async def _failed(self, lane: _Lane, exc: BaseException) -> None:
+        part, metrics = lane.part, self._metrics
+        if _fenced(exc):
+            # Another member initialised this partition's id: it owns the partition now.
+            # Its records are no longer taken here (taken after the fence, they would open
+            # the id again, fence the owner and commit past what this transaction held).
+            metrics.transactions.labels("fenced").inc()
+            log.warning("transactional id fenced: the partition has a new owner", partition=part[1])
+            self._drop(lane)
+            if self._core.fence(part, lane.epoch):
+                self._fenced(part, lane.epoch)
+            return
+        metrics.transactions.labels("aborted").inc()
+        cause = exc.__cause__ if isinstance(exc, _Failed) else exc
+        log.warning(
+            "transaction aborted, the partition restarts", partition=part[1], error=repr(cause)
+        )
+        await self._abort(lane)
+        if self._core.restart(part, lane.epoch):  # else the partition left here meanwhile
+            if self._lanes.get(part) is lane:
+                lane.epoch = self._core.epoch(part) or lane.epoch  # the lane serves the new one
+            await self._restart(part)
+
+    async def _abort(self, lane: _Lane) -> None:
+        lane.queue.clear()
+        lane.failure = None
+        try:
+            if lane.open:
+                await asyncio.wait_for(lane.producer.abort_transaction(), TRANSACTION_TIMEOUT_S)
+        except Exception:  # the producer is unusable: a new one aborts on the broker side
+            self._drop(lane)
