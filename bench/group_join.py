@@ -14,10 +14,12 @@ other's, as a load balancer would spread them). Variants, alternated run by run:
   join, and aiokafka's rebalance timeout (the session timeout);
 - ``after``: the daemon of this checkout.
 
+``--broker fresh`` (default) starts a Kafka node for each run, ``shared`` one for all: on
+this machine the old join storm showed mostly against a broker that had just started.
 Per run: tasks without an event at the cut-off (150 s), seconds from the start until every
 input partition had a record taken (from the daemons' ``task consumed`` log lines), and
 assignments received (``rebalances_total``, both replicas). Writes
-``bench/results/group_join.md`` (``--no-write`` prints it).
+``bench/results/group_join_<broker>_broker.md`` (``--no-write`` prints it).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ API_KEY = "bench-key"
 PARTITIONS = 4
 TASKS = 300
 CUTOFF_S = 150.0
+BUSY = 4  # yes processes, two per core
+BROKERS = {"fresh": "started for each run", "shared": "one for all runs"}
 ROOT = Path(__file__).resolve().parent.parent
 # main before the fix: the consumer with two assignors (aiokafka sends a JoinGroup per
 # assignor in every join) and aiokafka's rebalance timeout (the session timeout).
@@ -204,13 +208,14 @@ async def read_until(bootstrap: str, topics: list[str], wanted: set[str], start:
     return seen & wanted
 
 
-def report(runs: list[Run], before: str) -> str:
+def report(runs: list[Run], before: str, broker: str) -> str:
     lines = [
         "# Replicas started together on a loaded machine (issue 16)",
         "",
         f"Two daemons started at the same instant with webhooks on, {PARTITIONS} input"
-        f" partitions, {TASKS} tasks of 2-20 s, four `yes` processes on the 2 cores; one"
-        f" Apache Kafka node; cut-off {CUTOFF_S:.0f} s. `before` is the daemon of {before}"
+        f" partitions, {TASKS} tasks of 2-20 s, {BUSY} `yes` processes on the 2 cores; one"
+        f" Apache Kafka node ({BROKERS[broker]});"
+        f" cut-off {CUTOFF_S:.0f} s. `before` is the daemon of {before}"
         " (two assignors: aiokafka sends a JoinGroup per assignor in every join), `after`"
         " this checkout's. Runs alternate. `python -m bench.group_join`.",
         "",
@@ -245,20 +250,30 @@ def _s(x: float) -> str:
     return "never" if x == float("inf") else f"{x:.1f}"
 
 
-async def measure(runs: int, code: dict[str, Path], workdir: Path) -> list[Run]:
-    cluster = await start_cluster(1, directory=workdir / "kafka")
+async def measure(runs: int, code: dict[str, Path], workdir: Path, fresh: bool) -> list[Run]:
+    """``runs`` pairs, alternating which variant goes first; on one broker for all, or
+    (``fresh``) on a broker started for each run, before the machine is loaded."""
     results: list[Run] = []
+    shared = None if fresh else await start_cluster(1, directory=workdir / "kafka")
     try:
-        with busy(4):
-            for i in range(runs):
-                for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
-                    r = await one_run(
-                        variant, code[variant], cluster.bootstrap, cluster, workdir, 100 + i
-                    )
-                    print(r, flush=True)
-                    results.append(r)
+        for i in range(runs):
+            for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
+                cluster = shared or await start_cluster(
+                    1, directory=workdir / f"kafka-{i}-{variant}"
+                )
+                try:
+                    with busy(BUSY):
+                        r = await one_run(
+                            variant, code[variant], cluster.bootstrap, cluster, workdir, 100 + i
+                        )
+                finally:
+                    if shared is None:
+                        cluster.close()
+                print(r, flush=True)
+                results.append(r)
     finally:
-        cluster.close()
+        if shared is not None:
+            shared.close()
     return results
 
 
@@ -266,6 +281,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.group_join")
     parser.add_argument("--runs", type=int, default=10, help="runs of each variant")
     parser.add_argument("--before", default=BEFORE_REF, help="the commit to compare with")
+    parser.add_argument(
+        "--broker",
+        choices=("fresh", "shared"),
+        default="fresh",
+        help="a Kafka node started for each run (default), or one for all runs",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-group-") as tmp:
@@ -274,14 +295,16 @@ def main() -> None:
         git = ["git", "-C", str(ROOT)]
         subprocess.run([*git, "worktree", "add", "--detach", str(old), args.before], check=True)
         try:
-            results = asyncio.run(measure(args.runs, {"before": old, "after": ROOT}, workdir))
+            code = {"before": old, "after": ROOT}
+            fresh = args.broker == "fresh"
+            results = asyncio.run(measure(args.runs, code, workdir, fresh))
         finally:
             subprocess.run([*git, "worktree", "remove", "--force", str(old)], check=False)
-    text = report(results, args.before)
+    text = report(results, args.before, args.broker)
     print(text)
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "group_join.md").write_text(text)
+        (RESULTS / f"group_join_{args.broker}_broker.md").write_text(text)
 
 
 if __name__ == "__main__":
