@@ -483,7 +483,12 @@ def _core(
     """The bridge's own core, with the workload's request budget."""
     api: dict[str, Any] = {}
     if w.budget_rps:
-        api = {"requests_per_second": w.budget_rps, "budget_burst": int(w.budget_rps)}
+        # One replica simulated alone: the whole budget is its own.
+        api = {
+            "requests_per_second": w.budget_rps,
+            "budget_burst": int(w.budget_rps),
+            "budget_scope": "replica",
+        }
     data: dict[str, Any] = {"kafka": {"input_topic": INPUT}, "api": api}
     if webhooks is not None:
         data["webhooks"] = {"enabled": True, **webhooks}

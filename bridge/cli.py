@@ -111,6 +111,8 @@ def cmd_simulate_api(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         sim = Simulator(api_key=key, host=args.host, port=args.port, seed=args.seed)
+        if args.account_limit:
+            sim.set_faults(requests_per_second=args.account_limit)
         stop = asyncio.Event()
         _install_signals(stop)
         await sim.start()
@@ -170,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-env",
         default="WAVESPEED_API_KEY",
         help="environment variable holding the key to require (unset: no auth)",
+    )
+    sim.add_argument(
+        "--account-limit",
+        type=float,
+        default=0.0,
+        help="the account's requests/s, all clients together; above it a 429 (0: none)",
     )
     sim.set_defaults(func=cmd_simulate_api)
 

@@ -270,8 +270,10 @@ class ApiConfig(BaseModel):
     max_response_bytes: PositiveInt = 1_048_576
     verify_tls: bool = True
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
-    # Global poll budget in requests/s; 0 disables the cap.
+    # The poll budget in requests/s; 0 disables it. budget_scope "account": the account's,
+    # shared by every replica through cluster.coordination_topic; "replica": each one's own.
     requests_per_second: NonNegativeFloat = 0.0
+    budget_scope: Literal["account", "replica"] = "account"
     # 0: one second's worth of the budget.
     budget_burst: NonNegativeInt = 0
     # A 401/403 pauses every poll this long (0 would let each task retry a rejected key).
@@ -426,6 +428,25 @@ class WebhooksConfig(BaseModel):
         return self
 
 
+class ClusterConfig(BaseModel):
+    """What the replicas of one deployment (one WaveSpeed account) share through Kafka."""
+
+    model_config = _SECTION
+
+    # The budget's shares and the pauses a 429 starts (null: none; with budget_scope
+    # account, every replica then keeps to fallback_share). One partition is enough.
+    coordination_topic: str | None = "wavespeed.bridge.coordination"
+    # What replicas learned (completion times per model, webhook statistics), kept across
+    # restarts: a compacted topic (null: every replica learns alone and starts cold).
+    state_topic: str | None = "wavespeed.bridge.state"
+    # How often a replica reports its demand and reads the others' (s).
+    report_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.5
+    # The share of the account's budget a replica keeps to while it cannot coordinate.
+    fallback_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    # How often learned state is published (s), for models that learned something since.
+    state_interval_s: PositiveFloat = 30.0
+
+
 class Config(BaseModel):
     """The whole configuration: :func:`load_config` and :func:`build_config` make one."""
 
@@ -439,12 +460,14 @@ class Config(BaseModel):
     events: EventsConfig = Field(default_factory=EventsConfig)
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     shutdown_grace_s: PositiveFloat = 20.0
 
     @model_validator(mode="after")
     def _rules(self, info: ValidationInfo) -> Self:
         k, w = self.kafka, self.webhooks
         kafka_topics = ("input_topic", "completed_topic", "failed_topic", "dead_letter_topic")
+        others = [w.topic, *(getattr(k, name) for name in (*kafka_topics, "timeout_topic"))]
         _enforce(
             info,
             _Rule(
@@ -473,6 +496,21 @@ class Config(BaseModel):
                 f"must not exceed kafka.max_message_bytes ({k.max_message_bytes}): a delivery"
                 " is produced to webhooks.topic as it came",
                 ("webhooks.enabled", "kafka.max_message_bytes"),
+            ),
+            *(
+                _Rule(
+                    topic is None or topic not in taken,
+                    f"cluster.{key}",
+                    "must differ from the kafka, webhook and other cluster topics",
+                )
+                for key, topic, taken in (
+                    ("coordination_topic", self.cluster.coordination_topic, others),
+                    (
+                        "state_topic",
+                        self.cluster.state_topic,
+                        [*others, self.cluster.coordination_topic],
+                    ),
+                )
             ),
         )
         return self

@@ -71,6 +71,14 @@ class Names:
         return f"group-{self.tag}"
 
     @property
+    def coordination(self) -> str:
+        return f"coord-{self.tag}"
+
+    @property
+    def state(self) -> str:
+        return f"state-{self.tag}"
+
+    @property
     def outputs(self) -> list[str]:
         return [self.completed, self.failed, self.dead_letter]
 
@@ -101,6 +109,9 @@ def config_data(
             "backoff_max_s": 0.5,
         },
         "server": {"host": "127.0.0.1", "port": free_port()},
+        # The test's own (created by the tests that use them): replicas of other tests
+        # never share a budget or learning with this one.
+        "cluster": {"coordination_topic": names.coordination, "state_topic": names.state},
         "logging": {"format": "json", "level": "INFO"},
         "shutdown_grace_s": 5,
     }

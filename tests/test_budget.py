@@ -58,7 +58,11 @@ def test_retry_after_pauses_everyone(header: str) -> None:
     outcome = interpret(429, value, b"", WALL + now0)
     assert outcome.kind is Kind.RATE_LIMITED and outcome.retry_after_s == pytest.approx(3.0)
     config = build_config(
-        {"kafka": {"input_topic": "in"}, "api": {"requests_per_second": 20, "budget_burst": 20}},
+        {
+            "kafka": {"input_topic": "in"},
+            # One replica alone: the budget is its own (no coordination to share it).
+            "api": {"requests_per_second": 20, "budget_burst": 20, "budget_scope": "replica"},
+        },
         env={},
     )
     core = Core(config, policy=FixedInterval(1.0, jitter=0.0), rng=random.Random(1), now=0.0)

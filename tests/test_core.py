@@ -242,7 +242,9 @@ def test_transient_errors_back_off_and_a_passed_deadline_names_the_last_error() 
 
 def test_a_deadline_does_not_wait_for_a_budget_that_binds() -> None:
     clock = ManualClock()
-    core = make(clock, api={"requests_per_second": 1.0, "budget_burst": 1})
+    core = make(
+        clock, api={"requests_per_second": 1.0, "budget_burst": 1, "budget_scope": "replica"}
+    )
     for i in range(5):
         core.on_record(rec(i, {"id": f"pred_{i}", "timeout_s": 2}), clock.read())
     timeouts: list[float] = []

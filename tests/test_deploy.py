@@ -80,6 +80,7 @@ REQUIRED_ALERTS = {
     "WavespeedBridgeWebhooksStopped",
     "WavespeedBridgeMemberUnassigned",
     "WavespeedBridgeGroupNotSettling",
+    "WavespeedBridgeBudgetNotCoordinated",
 }
 REQUIRED_PANELS = {
     "Throughput by outcome",
@@ -509,7 +510,7 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                         "additionalProperties": False,
                         "required": ["type", "metadata"],
                         "properties": {
-                            "type": {"const": "kafka"},
+                            "type": {"enum": ["kafka", "prometheus"]},
                             # KEDA's trigger metadata is map[string]string.
                             "metadata": _string_map(),
                             "authenticationRef": _obj({"name": _NAME}),
@@ -856,6 +857,22 @@ def test_alerts_pass_promtool(helm: str, promtool: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_keda_prometheus_triggers_are_valid_promql_on_exported_series(
+    helm: str, promtool: str, tmp_path: Path
+) -> None:
+    """The ScaledObject's own-series triggers parse (promtool, as recording rules); that
+    their series exist is checked with the alerts' and panels' below."""
+    scaled = one(render(helm, "all-features"), "ScaledObject")
+    triggers = [t for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+    assert len(triggers) == 2
+    queries = [t["metadata"]["query"] for t in triggers]
+    rules = [{"record": f"keda:trigger{i}", "expr": q} for i, q in enumerate(queries)]
+    (tmp_path / "keda.yaml").write_text(yaml.safe_dump({"groups": [{"name": "k", "rules": rules}]}))
+    result = run([promtool, "check", "rules", str(tmp_path / "keda.yaml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "budget_utilization_ratio" in queries[0]  # due polls count only below the budget
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, expression) for every query in the dashboard, variables included."""
     dash = json.loads(DASHBOARD.read_text())
@@ -951,6 +968,10 @@ async def test_every_queried_metric_is_exported(
     groups = prometheus_rule(helm)["spec"]["groups"]
     queries = [(f"alert {r['alert']}", r["expr"]) for g in groups for r in g["rules"]]
     queries += [(f"panel {title}", expr) for title, expr in dashboard_queries()]
+    scaled = one(render(helm, "all-features"), "ScaledObject")["spec"]["triggers"]
+    queries += [
+        ("keda trigger", t["metadata"]["query"]) for t in scaled if "query" in t["metadata"]
+    ]
     # Real traffic, so the labelled series exist: completed, failed, timed out, a dead
     # letter, and a 429 (which pauses polling and counts api_pause_seconds).
     await create_topics(broker, names)

@@ -46,8 +46,9 @@ import random
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bridge.config import ModelClass, PollingConfig
 from bridge.core.tasks import Task
@@ -453,6 +454,7 @@ class AdaptivePolicy:
         self._rng = rng or random.Random()
         self._models: OrderedDict[str, ModelState] = OrderedDict()
         self._priors: dict[ModelClass, list[float]] = {}
+        self._changed: set[str] = set()  # models that learned since learned_models()
 
     @classmethod
     def from_config(
@@ -584,12 +586,14 @@ class AdaptivePolicy:
             lo = min(max(pending, inference), hi * (1.0 - 1e-9))
             if plan is not None:
                 state.detect_shift(plan.cdf(min(hi, lo + state.queue)))
-            state.add(lo, hi, self.window, queue=state.queue)
+            if state.add(lo, hi, self.window, queue=state.queue):
+                self._changed.add(task.model)
             return
         lo = min(pending, hi * (1.0 - 1e-9))
         if plan is not None:
             state.detect_shift(plan.cdf((lo + hi) / 2.0))
-        state.add(lo, hi, self.window)
+        if state.add(lo, hi, self.window):
+            self._changed.add(task.model)
 
     # --- introspection -----------------------------------------------------------------
 
@@ -610,3 +614,49 @@ class AdaptivePolicy:
     def observations(self, model: str) -> int:
         state = self._models.get(model)
         return state.seen if state is not None else 0
+
+    # --- learning shared with other replicas and kept across restarts (core.learning) ------
+
+    def learned_models(self) -> set[str]:
+        """The models that learned something since the last call."""
+        changed, self._changed = self._changed, set()
+        return {m for m in changed if m in self._models}
+
+    def learned(self, model: str) -> dict[str, Any] | None:
+        """What is learned about ``model``, as plain data: the histogram's weights (sparse,
+        scaled so that new observations weigh 1), completions seen, the queue's mean."""
+        state = self._models.get(model)
+        if state is None or not state.seen:
+            return None
+        inc, eff = state.inc, state.effective
+        weights = {
+            str(k): round(w / inc, 9) for k, w in enumerate(state.weights) if w > 1e-9 * eff * inc
+        }
+        return {"bins": NBINS, "weights": weights, "seen": state.seen, "queue": state.queue}
+
+    def learn_from(self, model: str, data: Mapping[str, Any]) -> bool:
+        """Take ``data`` (from :meth:`learned`, another replica's or a past run's) as what is
+        known of ``model`` if it has seen more completions than this replica has."""
+        weights, seen, queue = data.get("weights"), data.get("seen"), data.get("queue")
+        if data.get("bins") != NBINS or not isinstance(weights, dict):
+            return False  # another binning: not comparable
+        if not isinstance(seen, int) or isinstance(seen, bool) or seen < 1:
+            return False
+        if not isinstance(queue, float | int) or not 0 < queue < _MAX_AGE:
+            return False
+        values = array("d", bytes(8 * NBINS))
+        for key, w in weights.items():
+            if not (isinstance(key, str) and key.isdigit() and 0 <= int(key) < NBINS):
+                return False
+            if not isinstance(w, float | int) or not 0 <= w < 1e15:
+                return False
+            values[int(key)] = float(w)
+        mass = math.fsum(values)
+        if not mass > 0 or (model in self._models and self._models[model].seen >= seen):
+            return False
+        state = self._state(model)
+        state.weights, state.mass, state.inc = values, mass, 1.0
+        state.seen, state.queue = seen, max(QUEUE_FLOOR_S, float(queue))
+        state.plan, state.plan_at, state.pending = None, -math.inf, 0
+        state.shift_up = state.shift_down = 0.0
+        return True

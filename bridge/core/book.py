@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from bridge.config import Config
 from bridge.core import events as ev
-from bridge.core import facts
+from bridge.core import facts, learning
 from bridge.core.clock import Instant
 from bridge.core.deliveries import DeliveryMemory
 from bridge.core.facts import Effect, Publish
@@ -38,6 +38,8 @@ from bridge.core.tasks import State, Task
 from bridge.core.webhook_policy import WebhookAware
 
 Partition = tuple[str, int]
+# A share of the account's budget saves up at most this many seconds of its rate.
+SHARED_BURST_S = 0.2
 # How often polls waiting for a slot, the budget or a pause are checked for passed deadlines.
 SWEEP_INTERVAL_S = 0.25
 
@@ -79,8 +81,11 @@ class Core:
         a = config.api
         budget = None
         if a.requests_per_second > 0:
-            burst = a.budget_burst or max(1, round(a.requests_per_second))
-            budget = TokenBucket(a.requests_per_second, burst, now)
+            # The account's budget starts at the safe share, until the replicas agree.
+            rate = a.requests_per_second
+            if a.budget_scope == "account":
+                rate *= config.cluster.fallback_share
+            budget = TokenBucket(rate, self._burst(rate), now)
         self.scheduler: Scheduler[str] = Scheduler(priority=self._priority, budget=budget)
         self._partitions: Partitions[Partition] = Partitions(config.kafka.offset_metadata_max_bytes)
         self._active: dict[str, Task] = {}  # polling or parked, by task id
@@ -291,6 +296,47 @@ class Core:
             return out + self._finish(task, "timeout", _timeout_reason(task), at)
         self.scheduler.schedule(task.task_id, clamp_to_deadline(task, retry_at, now))
         return out
+
+    # --- what is learned, shared with the other replicas (core.learning) -----------------
+
+    def learned_since(self, replica: str, at: float) -> list[learning.Learned]:
+        """What the policy learned since the last call, as records for the state topic."""
+        policy = learning.learner(self.policy)
+        return learning.to_publish(policy, replica, at) if policy is not None else []
+
+    def learn_from(self, learned: learning.Learned) -> bool:
+        """Another replica's (or a past run's) record: taken where it knows more."""
+        policy = learning.learner(self.policy)
+        return policy is not None and policy.learn_from(learned.model, learned.data)
+
+    # --- the budget, shared with the other replicas ---------------------------------------
+
+    def set_budget_rate(self, rate: float, now: float) -> None:
+        """This replica's share of the account's budget moved (``bridge.core.budget``)."""
+        budget = self.scheduler.budget
+        if budget is not None and rate > 0 and abs(rate - budget.rate) > 1e-9:
+            budget.set_rate(rate, self._burst(rate), now)
+
+    def _burst(self, rate: float) -> float:
+        a = self.config.api
+        if a.budget_burst:  # configured for the whole budget: this share's part of it
+            return max(1.0, a.budget_burst * rate / a.requests_per_second)
+        if a.budget_scope == "account":
+            # A fifth of a second: shares add up to the limit in any one-second window.
+            return max(1.0, round(rate * SHARED_BURST_S))
+        return max(1.0, round(rate))
+
+    def pause_from_peer(self, until_wall: float, reason: str, by: str, at: Instant) -> list[Effect]:
+        """Another replica of the account saw a 429 (or a Retry-After): every poll here waits
+        too, until ``until_wall``."""
+        seconds = until_wall - at.wall
+        if seconds <= 0:
+            return []
+        until = at.mono + seconds
+        added = max(0.0, until - max(self.scheduler.paused_until, at.mono))
+        if added:
+            self.scheduler.pause_until(until)
+        return [facts.PausedByPeer(reason, seconds, added, by)]
 
     def _pause_all(self, now: float, seconds: float, reason: str, outcome: Outcome) -> list[Effect]:
         until = now + seconds

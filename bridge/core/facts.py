@@ -101,6 +101,16 @@ class Paused:
 
 
 @dataclass(frozen=True, slots=True)
+class PausedByPeer:
+    """Every poll waits: another replica of the account saw a 429 or a Retry-After."""
+
+    reason: str
+    seconds: float
+    added_s: float
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
 class Released:
     """Partitions left this member (``why``: revoked or shutdown) after their last commit."""
 
@@ -168,6 +178,7 @@ Fact = (
     | Finished
     | Delivered
     | Paused
+    | PausedByPeer
     | Released
     | Assigned
     | DeliveryApplied

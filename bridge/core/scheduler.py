@@ -53,6 +53,15 @@ class TokenBucket:
         held = max(0.0, self._last - now)  # drained until a future time
         return held if missing <= 1e-9 else held + missing / self.rate
 
+    def set_rate(self, rate: float, burst: float, now: float) -> None:
+        """A new rate (a replica's share of a shared budget moved): what was earned at the
+        old rate is kept, up to the new burst."""
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self._refill(now)
+        self.rate, self.burst = rate, float(burst)
+        self._tokens = min(self._tokens, self.burst)
+
     def drain_until(self, until: float) -> None:
         """No tokens until ``until``, then refill from empty: a pause ends with a trickle."""
         self._tokens = min(self._tokens, 0.0)

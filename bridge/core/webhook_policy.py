@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from bridge.core.policy import PollPolicy, clamp_to_deadline
 from bridge.core.tasks import Task
@@ -74,7 +76,10 @@ class WebhookAware:
         self._all = _Model()
         # task id -> (its model, its creation in wall time) of recently finished tasks, for
         # a delivery that comes late; bounded, oldest forgotten.
-        self._recent: collections.OrderedDict[str, tuple[_Model, float]] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[str, tuple[str, _Model, float]] = (
+            collections.OrderedDict()
+        )
+        self._changed: set[str] = set()  # models whose statistics moved since learned_models()
         # The wrapped policy's learned completion quantiles, if it learns (the adaptive one).
         self._completion = getattr(base, "completion_quantile", None)
         self._no_history = _Model()  # never written to: overdue from the wrapped policy alone
@@ -116,12 +121,13 @@ class WebhookAware:
         if not task.model:
             return
         model = self._models.setdefault(task.model, _Model())
+        self._changed.add(task.model)
         for m in (model, self._all):
             m.delivered.append(delivered_wall is not None)
         if delivered_wall is not None:
             self._age(model, delivered_wall - task.created_wall)
             return
-        self._recent[task.task_id] = (model, task.created_wall)
+        self._recent[task.task_id] = (task.model, model, task.created_wall)
         if len(self._recent) > RECENT:
             self._recent.popitem(last=False)
 
@@ -130,13 +136,57 @@ class WebhookAware:
         known = self._recent.pop(task_id, None)
         if known is None:
             return False
-        model, created_wall = known
+        name, model, created_wall = known
+        self._changed.add(name)
         for m in (model, self._all):  # the newest "not delivered" becomes "delivered"
             for i in range(len(m.delivered) - 1, -1, -1):
                 if not m.delivered[i]:
                     m.delivered[i] = True
                     break
         self._age(model, delivered_wall - created_wall)
+        return True
+
+    # --- learning shared with other replicas and kept across restarts (core.learning) ------
+
+    def learned_models(self) -> set[str]:
+        changed, self._changed = self._changed, set()
+        base = getattr(self.base, "learned_models", None)
+        return changed | (base() if base is not None else set())
+
+    def learned(self, model: str) -> dict[str, Any] | None:
+        """What is learned about ``model``: the wrapped policy's, and how its deliveries
+        came (whether, and how late)."""
+        base = getattr(self.base, "learned", None)
+        out: dict[str, Any] = dict(base(model) or {}) if base is not None else {}
+        m = self._models.get(model)
+        if m is not None and m.delivered:
+            out["webhooks"] = {
+                "delivered": list(m.delivered),
+                "ages": [round(a, 3) for a in m.ages],
+            }
+        return out or None
+
+    def learn_from(self, model: str, data: Mapping[str, Any]) -> bool:
+        """Take what another replica (or a past run) learned of ``model`` where it knows
+        more than this one: the wrapped policy's part, and the deliveries' part."""
+        base = getattr(self.base, "learn_from", None)
+        took = bool(base(model, data)) if base is not None else False
+        hooks = data.get("webhooks")
+        if not isinstance(hooks, dict):
+            return took
+        delivered, ages = hooks.get("delivered"), hooks.get("ages")
+        if not (isinstance(delivered, list) and all(isinstance(d, bool) for d in delivered)):
+            return took
+        if not (isinstance(ages, list) and all(_age_ok(a) for a in ages)):
+            return took
+        known = self._models.get(model)
+        if known is not None and len(known.delivered) >= len(delivered):
+            return took
+        m = self._models[model] = _Model()
+        m.delivered.extend(delivered[-WINDOW:])
+        m.ages.extend(float(a) for a in ages[-AGES:])
+        if len(self._all.delivered) < len(m.delivered):  # a cold start: the endpoint's too
+            self._all.delivered.extend(m.delivered)
         return True
 
     def base_poll(self, task: Task, now: float) -> float:
@@ -189,3 +239,7 @@ class WebhookAware:
         if age > 0 and math.isfinite(age):
             model.ages.append(age)
             model.overdue = None
+
+
+def _age_ok(age: object) -> bool:
+    return isinstance(age, float | int) and not isinstance(age, bool) and 0 < age < 1e7

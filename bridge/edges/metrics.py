@@ -188,6 +188,40 @@ class Metrics:
             "Requests made over requests allowed by the budget in the last interval.",
             registry=r,
         )
+        self.budget_share = Gauge(
+            f"{p}_budget_share_requests_per_second",
+            "This replica's share of the request budget now (requests/s).",
+            registry=r,
+        )
+        self.budget_demand = Gauge(
+            f"{p}_budget_demand_requests_per_second",
+            "Result polls per second this replica wants: let out lately, plus waiting.",
+            registry=r,
+        )
+        self.budget_replicas = Gauge(
+            f"{p}_budget_replicas",
+            "Replicas sharing the account's budget, as this one sees them.",
+            registry=r,
+        )
+        self.budget_coordinated = Gauge(
+            f"{p}_budget_coordinated",
+            "1 while this replica reads its own reports back from the coordination topic "
+            "(0: it keeps to cluster.fallback_share of the budget).",
+            registry=r,
+        )
+        self.peer_pauses = Counter(
+            f"{p}_peer_pauses",
+            "Pauses another replica published (it saw a 429 or a Retry-After).",
+            registry=r,
+        )
+        self.state_models = Counter(
+            f"{p}_learned_state_models",
+            "Models whose learned state was published to, or taken from, the state topic.",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("published", "adopted", "refused"):
+            self.state_models.labels(direction)
         self.in_flight = Gauge(
             f"{p}_tasks_in_flight", "Tasks consumed and not yet finished.", registry=r
         )

@@ -102,6 +102,8 @@ async def run_demo(
         await broker.create_topics([k.completed_topic, k.failed_topic, k.dead_letter_topic])
         if config.webhooks.enabled:
             await broker.create_topics([config.webhooks.topic], partitions=3)
+        cluster = [config.cluster.coordination_topic, config.cluster.state_topic]
+        await broker.create_topics([t for t in cluster if t is not None])
         log_file = (workdir / "bridge.log").open("w")
         logs.configure(
             fmt="json",

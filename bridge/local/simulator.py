@@ -33,6 +33,7 @@ behaviours; and ``/_sim/*`` endpoints to create tasks with known timings and rea
 from __future__ import annotations
 
 import asyncio
+import collections
 import fnmatch
 import json
 import math
@@ -110,11 +111,14 @@ class SimTask:
 @dataclass(slots=True)
 class Faults:
     rate_429: float = 0.0
+    next_429s: int = 0  # the next this many requests get a 429, whoever sends them
     rate_5xx: float = 0.0
     retry_after_s: int = 1
     outage_until: float = 0.0  # monotonic
     outage_mode: str = "503"  # 503 | refuse
-    requests_per_second: float = 0.0  # 0: unlimited
+    # The account's limit on requests/s, all clients together (0: none); above it a 429
+    # with the Retry-After that a token takes to come back.
+    requests_per_second: float = 0.0
 
 
 @dataclass(slots=True)
@@ -174,6 +178,10 @@ class Simulator:
         self.faults = Faults()
         self.requests = 0
         self.responses: dict[int, int] = {}
+        # Requests per wall-clock second, and the 429s among them: what the account sees.
+        self.per_second: collections.Counter[int] = collections.Counter()
+        self.per_tenth: collections.Counter[int] = collections.Counter()  # sliding windows
+        self.limited_per_second: collections.Counter[int] = collections.Counter()
         self.record_poll_times = record_poll_times
         # Where "redirect" points: another host, which must never see a request.
         self.redirect_base = "http://169.254.169.254"
@@ -327,6 +335,10 @@ class Simulator:
     def _gate(self, request: web.Request) -> web.Response | None:
         """Auth, outages, limits and injected faults, in the order a real edge applies them."""
         self.requests += 1
+        wall = time.time()
+        second = int(wall)
+        self.per_second[second] += 1
+        self.per_tenth[int(wall * 10)] += 1
         now = time.monotonic()
         if now < self.faults.outage_until:
             return self._envelope(503, "service unavailable (simulated outage)")
@@ -337,12 +349,20 @@ class Simulator:
             if not secrets.compare_digest(auth[7:].encode(), self.api_key.encode()):
                 return self._envelope(403, "invalid API key")
         if self._limiter is not None:
-            if self._limiter.available(now) < 1:
+            if self._limiter.available(now) < 1:  # the account's limit, whoever asks
+                self.limited_per_second[second] += 1
                 resp = self._envelope(429, "too many requests")
-                resp.headers["Retry-After"] = str(self.faults.retry_after_s)
+                wait = max(1, math.ceil(self._limiter.time_until(1, now)))
+                resp.headers["Retry-After"] = str(wait)
                 return resp
             self._limiter.take(1, now)
         f = self.faults
+        if f.next_429s > 0:
+            f.next_429s -= 1
+            self.limited_per_second[second] += 1
+            resp = self._envelope(429, "too many requests")
+            resp.headers["Retry-After"] = str(f.retry_after_s)
+            return resp
         if f.rate_429 and self.rng.random() < f.rate_429:
             resp = self._envelope(429, "too many requests")
             resp.headers["Retry-After"] = str(f.retry_after_s)
@@ -572,6 +592,7 @@ class Simulator:
         self,
         *,
         rate_429: float | None = None,
+        next_429s: int | None = None,
         rate_5xx: float | None = None,
         retry_after_s: int | None = None,
         outage_s: float | None = None,
@@ -581,6 +602,8 @@ class Simulator:
         f = self.faults
         if rate_429 is not None:
             f.rate_429 = rate_429
+        if next_429s is not None:
+            f.next_429s = next_429s
         if rate_5xx is not None:
             f.rate_5xx = rate_5xx
         if retry_after_s is not None:
@@ -714,6 +737,8 @@ class Simulator:
         return {
             "requests": self.requests,
             "responses": {str(k): v for k, v in sorted(self.responses.items())},
+            "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
+            "limited_per_second": {str(k): v for k, v in sorted(self.limited_per_second.items())},
             "tasks": len(self.tasks),
             "polls": {t.id: t.polls for t in self.tasks.values()},
             "webhooks": self.webhook_stats(),

@@ -25,6 +25,7 @@ import uuid
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from bridge import __version__
 from bridge.config import Config
@@ -41,6 +42,7 @@ from bridge.edges.server import HealthServer
 from bridge.edges.webhook_server import WebhookServer, kafka_publish
 from bridge.shell.at_least_once import AtLeastOnce, Publisher
 from bridge.shell.bounded import StartupTimeout, bounded, startup_limit_s
+from bridge.shell.cluster import Cluster
 from bridge.shell.commits import CommitLoop
 from bridge.shell.delivery import DeliveryMode, Effects
 from bridge.shell.dispatch import Dispatcher
@@ -118,6 +120,7 @@ class Bridge:
         self._dispatcher: Dispatcher | None = None
         self._intake: Intake | None = None
         self._listener: Rebalance | None = None
+        self.cluster: Cluster | None = None
 
     # --- state, for probes and tests ---------------------------------------------------------
 
@@ -223,6 +226,8 @@ class Bridge:
         )
         self.membership = Membership(deadline_s(cfg.kafka), self.clock.monotonic())
         self.metrics.group_join_deadline.set(self.membership.deadline_s)
+        # What the other replicas learned is read before any partition is taken.
+        cluster = self.cluster = await self._start_cluster(producer)
         consumer.subscribe([cfg.kafka.input_topic], listener=listener)
         feed = await self._start_webhooks(producer) if cfg.webhooks.enabled else None
         self._started = True
@@ -234,6 +239,8 @@ class Bridge:
         ]
         if feed is not None:
             loops.append(asyncio.create_task(feed.run(), name="webhooks"))
+        if cluster is not None:
+            loops.append(asyncio.create_task(cluster.run(), name="cluster"))
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *loops], return_when=asyncio.FIRST_COMPLETED)
@@ -293,6 +300,33 @@ class Bridge:
             )
         self.effects.mode = mode
         return mode
+
+    async def _start_cluster(self, producer: AIOKafkaProducer) -> Cluster | None:
+        """The coordination and state topics' loop (``bridge.shell.cluster``), if any."""
+        cfg = self.config
+        if cfg.cluster.coordination_topic is None and cfg.cluster.state_topic is None:
+            return None
+        limit = startup_limit_s(cfg.kafka)
+        reader = kafka_io.make_reader(cfg.kafka)
+        try:
+            await bounded(reader.start(), limit, "the cluster topics' reader to connect")
+        except TimeoutError:
+            raise StartupTimeout("the cluster topics' reader") from None
+        cluster = Cluster(
+            reader,
+            producer,
+            core=self.core,
+            effects=self.effects,
+            clock=self.clock,
+            config=cfg,
+            metrics=self.metrics,
+            replica=self.replica,
+        )
+        # Failing, it is looked for again while running (the safe share, cold learning).
+        with contextlib.suppress(TimeoutError, KafkaError):
+            await bounded(cluster.start(limit), limit + 1.0, "the cluster topics")
+        self.effects.listeners.append(cluster.note)
+        return cluster
 
     async def _start_webhooks(self, producer: AIOKafkaProducer) -> WebhookFeed:
         """The receiver (deliveries into the webhook topic) and the topic's reader."""
@@ -400,6 +434,8 @@ class Bridge:
         await self._dispatcher.finish(grace_end - time.monotonic() - 1.0)
         everything = set(self.core.active_partitions())
         await self._mode.hand_over(everything, max(0.5, grace_end - time.monotonic() - 0.5))
+        if self.cluster is not None:  # its share to the others, what it learned to the topic
+            await self.cluster.close(max(0.5, min(2.0, grace_end - time.monotonic())))
         unfinished = len(self.tasks) + len(self.publishing)
         self.effects.apply(self.core.release(everything, "shutdown"))
         log.info(

@@ -55,6 +55,8 @@ class Telemetry:
                     self._delivered(fact)
                 case facts.Paused():
                     self._paused(fact)
+                case facts.PausedByPeer():
+                    self._paused_by_peer(fact)
                 case facts.Released():
                     self._released(fact)
                 case facts.Assigned():
@@ -186,6 +188,17 @@ class Telemetry:
                 "polling paused for every task",
                 reason=f.outcome.reason,
                 status=f.outcome.status_code,
+                pause_s=round(f.seconds, 3),
+            )
+
+    def _paused_by_peer(self, f: facts.PausedByPeer) -> None:
+        self.metrics.peer_pauses.inc()
+        if f.added_s:  # counted as the pause it shares, and said once per pause
+            self.metrics.paused_seconds.labels(f.reason).inc(f.added_s)
+            log.warning(
+                "polling paused for every task: another replica was told to wait",
+                reason=f.reason,
+                by=f.by,
                 pause_s=round(f.seconds, 3),
             )
 
