@@ -36,7 +36,8 @@ def test_alone_and_not_yet_heard_back_a_replica_keeps_to_the_safe_share() -> Non
     b.heard(report("b", 50.0), 0.0)  # others are known, but not its own echo
     assert b.share(0.1) == 25.0
     b.heard(report("a", 50.0), 0.2)
-    assert b.coordinated(0.2) and b.share(0.2) == pytest.approx(0.97 * LIMIT / 2)
+    assert b.coordinated(0.2) and b.share(0.2) == 25.0  # a rise waits an interval
+    assert b.share(0.7) == pytest.approx(0.97 * LIMIT / 2)
 
 
 def test_shares_follow_demand_and_add_up_under_the_limit() -> None:
@@ -45,7 +46,7 @@ def test_shares_follow_demand_and_add_up_under_the_limit() -> None:
     for b in views.values():
         for name, d in demands.items():
             b.heard(report(name, d), 1.0)
-    shares = {name: b.share(1.0) for name, b in views.items()}
+    shares = {name: (b.share(1.0), b.share(1.5))[1] for name, b in views.items()}
     assert sum(shares.values()) == pytest.approx(0.97 * LIMIT)
     assert shares["a"] / sum(shares.values()) >= 0.85  # 90% of the demand
     assert 0 < shares["c"] <= 0.03 * LIMIT  # nothing due: the floor only
@@ -57,13 +58,41 @@ def test_a_replica_that_stops_reporting_is_dropped_and_one_that_leaves_at_once()
         b.heard(report("a", 50.0, t), t)
         b.heard(report("b", 50.0, t), t)
         b.heard(report("c", 50.0, t), t)
+    b.share(0.0)
     assert b.share(1.0) == pytest.approx(0.97 * LIMIT / 3)
     b.heard(report("c", 0.0, 1.2, leaving=True), 1.2)  # c leaves cleanly
-    assert b.share(1.2) == pytest.approx(0.97 * LIMIT / 2)
+    b.share(1.2)
+    assert b.share(1.7) == pytest.approx(0.97 * LIMIT / 2)
     for t in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0):  # b is killed after 1.0: only a reports
         b.heard(report("a", 50.0, t), t)
     assert set(b.live(3.4)) == {"a", "b"}  # within five intervals of its last report
-    assert set(b.live(3.6)) == {"a"} and b.share(3.6) == pytest.approx(0.97 * LIMIT)
+    assert set(b.live(3.6)) == {"a"}
+    b.share(3.6)
+    assert b.share(4.1) == pytest.approx(0.97 * LIMIT)
+
+
+def test_when_demand_moves_the_shares_never_add_up_past_the_limit() -> None:
+    """Demand moves from a to b, and b reads the new reports 0.15 s before a does (each
+    replica reads the topic on its own). Raising at once, b would run at its new share
+    while a still runs at its old one. A rise waits an interval, a fall does not: the
+    shares never add up past the headroom's limit."""
+    a, b = budget("a"), budget("b")
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        for view in (a, b):
+            view.heard(report("a", 900.0, t), t)
+            view.heard(report("b", 100.0, t), t)
+            view.share(t)
+    flipped = [report("a", 100.0, 1.25), report("b", 900.0, 1.25)]
+    worst = 0.0
+    for step in range(40):
+        t = 1.25 + 0.05 * step
+        for r in flipped:
+            b.heard(r, t)
+            if step >= 3:
+                a.heard(r, t)
+        worst = max(worst, a.share(t) + b.share(t))
+    assert worst <= 0.97 * LIMIT + 1e-9
+    assert b.share(4.0) > 0.8 * LIMIT  # and the gain is taken once agreed
 
 
 def test_a_report_read_late_does_not_replace_a_newer_one() -> None:

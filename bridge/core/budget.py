@@ -5,7 +5,10 @@ second it wants (its demand: what it let out lately plus what waits for the budg
 the coordination topic, and reads every replica's reports, its own included. From the same
 reports every replica computes the same shares: the account's limit split in proportion to
 demand (a replica with nothing due keeps only a small floor, so a busy one gets the rest),
-under a little headroom for views that differ for an interval. A replica whose reports stop
+under a little headroom. A share grows only once the reports have called for it for a whole
+interval, while it shrinks at once: when demand moves from one replica to another, the one
+losing it lowers its share before the one gaining it raises its own, so the shares add up
+to no more than the limit while their views of the reports differ. A replica whose reports stop
 (it left, or died) is dropped after ``EXPIRY_REPORTS`` intervals; one that leaves cleanly
 says so and is dropped at once.
 
@@ -19,6 +22,7 @@ time), which every replica applies: the account is one, so are its limits.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from dataclasses import dataclass
@@ -108,8 +112,10 @@ class SharedBudget:
         self.replica = replica
         self.fallback = fallback_share * limit
         self.expiry_s = EXPIRY_REPORTS * interval_s
+        self._interval = interval_s
         self._heard: dict[str, _Heard] = {}
         self._echo: float | None = None  # when this replica last saw its own report
+        self._targets: collections.deque[tuple[float, float]] = collections.deque()
 
     def heard(self, report: Report, now: float) -> None:
         """A report read from the topic at ``now`` (monotonic); the newest per replica."""
@@ -131,7 +137,16 @@ class SharedBudget:
         return {n: h.report.demand for n, h in self._heard.items() if not h.report.leaving}
 
     def share(self, now: float) -> float:
-        """This replica's requests/s now."""
+        """This replica's requests/s now: the least of what the reports called for over the
+        last interval (a rise waits an interval, a fall does not)."""
+        target = self._target(now)
+        targets = self._targets
+        targets.append((now, target))
+        while len(targets) > 1 and targets[1][0] <= now - self._interval + 1e-9:
+            targets.popleft()  # the oldest kept is the one in force an interval ago
+        return min(t for _, t in targets)
+
+    def _target(self, now: float) -> float:
         live = self.live(now)
         if not self.coordinated(now) or self.replica not in live:
             return self.fallback
