@@ -112,7 +112,24 @@ def _replay_window(seconds: float) -> float:
     return seconds
 
 
+def _tenant_key(spec: str | None) -> str | None:
+    """``key``, ``header:<name>`` or ``json:<field>[.<field>...]``, or null (one tenant)."""
+    if spec is None or spec == "key":
+        return spec
+    kind, _, where = spec.partition(":")
+    if kind == "header" and where and where.isascii() and where.isprintable():
+        return spec
+    if kind == "json" and where and all(part.strip() for part in where.split(".")):
+        return spec
+    raise _invalid(
+        f"must be key, header:<name> or json:<field>[.<field>...] (e.g. json:metadata.tenant),"
+        f" got {spec!r}"
+    )
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
+Weight = Annotated[float, Field(gt=0)]
+Cap = Annotated[float, Field(ge=1)]
 
 
 # --- rules between fields -------------------------------------------------------------------
@@ -428,6 +445,54 @@ class WebhooksConfig(BaseModel):
         return self
 
 
+class TenantRule(BaseModel):
+    """One tenant's weight (its share against the others', default 1) and caps."""
+
+    model_config = _SECTION
+
+    tenant: Annotated[str, _not_empty()]
+    weight: Weight = 1.0
+    # Requests per second it may send, whatever its share (null: no cap of its own).
+    requests_per_second: Cap | None = None
+    # Tasks it may have polled at once, whatever its share.
+    max_in_flight: Annotated[int, Field(ge=1)] | None = None
+
+
+class TenantsConfig(BaseModel):
+    """Many customers on one input topic: fair shares of the budget and the in-flight slots."""
+
+    model_config = _SECTION
+
+    # Where a task's tenant is read: key | header:<name> | json:<field>[.<field>...] of the
+    # input object; null: one tenant, as before tenants existed.
+    key: Annotated[str | None, AfterValidator(_tenant_key)] = None
+    # A task whose key is missing or unreadable belongs to this one (and is counted).
+    default: Annotated[str, _not_empty()] = "default"
+    # Tenants with a weight other than 1 or caps of their own; the rest weigh 1.
+    rules: Annotated[tuple[TenantRule, ...], Field(strict=False)] = ()
+    # Records of tenants over their share wait here, unpolled (committed offsets stay below
+    # them); past this many, fetching pauses for everyone.
+    max_held: PositiveInt = 100_000
+    # Tenants named in metrics (those configured above, then the busiest); the rest "other".
+    max_labels: PositiveInt = 20
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> Self:
+        names = [r.tenant for r in self.rules]
+        _enforce(
+            info,
+            _Rule(
+                len(set(names)) == len(names),
+                "tenants.rules",
+                "each tenant at most once",
+            ),
+        )
+        return self
+
+    def rule(self, tenant: str) -> TenantRule | None:
+        return next((r for r in self.rules if r.tenant == tenant), None)
+
+
 class ClusterConfig(BaseModel):
     """What the replicas of one deployment (one WaveSpeed account) share through Kafka."""
 
@@ -461,6 +526,7 @@ class Config(BaseModel):
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tenants: TenantsConfig = Field(default_factory=TenantsConfig)
     shutdown_grace_s: PositiveFloat = 20.0
 
     @model_validator(mode="after")

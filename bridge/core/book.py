@@ -29,12 +29,13 @@ from bridge.core import facts, learning
 from bridge.core.clock import Instant
 from bridge.core.deliveries import DeliveryMemory
 from bridge.core.facts import Effect, Publish
-from bridge.core.messages import Record, Rejected, parse_task
+from bridge.core.messages import Record, Rejected, TaskRequest, parse_task
 from bridge.core.outcomes import TERMINAL, Kind, Outcome, Prediction
 from bridge.core.partitions import Partitions, Phase, Planned, Take
 from bridge.core.policy import PollPolicy, clamp_to_deadline, overdue, request_limit, retry_delay
-from bridge.core.scheduler import Scheduler, TokenBucket
+from bridge.core.scheduler import FairPools, Scheduler, TokenBucket
 from bridge.core.tasks import State, Task
+from bridge.core.tenants import TenantKey, Weights
 from bridge.core.webhook_policy import WebhookAware
 
 Partition = tuple[str, int]
@@ -64,6 +65,14 @@ class Sample:
     model_stats: dict[str, tuple[float, float]]  # learned median and p90 per model
 
 
+@dataclass(frozen=True, slots=True)
+class TenantSample:
+    in_flight: int
+    held: int
+    due: int
+    waited_s: float  # the longest a due poll of it has waited
+
+
 @dataclass(slots=True)
 class _DeadLetterOut:
     partition: Partition
@@ -86,7 +95,19 @@ class Core:
             if a.budget_scope == "account":
                 rate *= config.cluster.fallback_share
             budget = TokenBucket(rate, self._burst(rate), now)
-        self.scheduler: Scheduler[str] = Scheduler(priority=self._priority, budget=budget)
+        self._tenants = TenantKey(config.tenants)
+        self._weights = Weights(config.tenants)
+        fair = None
+        if self._tenants.enabled:
+            fair = FairPools(self._tenant_of, self._weights.weight, self._weights.rate_cap)
+        self.scheduler: Scheduler[str] = Scheduler(
+            priority=self._priority, budget=budget, fair=fair
+        )
+        # Per tenant: tasks in flight (polling or publishing), and records held back.
+        self._load: collections.Counter[str] = collections.Counter()
+        self._held: dict[str, collections.deque[Record]] = {}
+        self.held_count = 0
+        self._active_weight = 0.0  # the weights of tenants with tasks in flight or held
         self._partitions: Partitions[Partition] = Partitions(config.kafka.offset_metadata_max_bytes)
         self._active: dict[str, Task] = {}  # polling or parked, by task id
         self._unacked: dict[int, _EventOut | _DeadLetterOut] = {}  # by ticket
@@ -148,14 +169,31 @@ class Core:
             return [facts.Skipped(rec.partition, rec.offset)]
         if take is not Take.NEW:  # another member's, or fetched again after the start
             return []
+        parsed = self._parse(rec)
+        if isinstance(parsed, Rejected):
+            return self._dead_letter(rec, parsed)
+        if not self._tenants.enabled:
+            return self._track(rec, parsed, self._tenants.default, at)
+        tenant, found = self._tenants.of(rec.key, rec.headers, parsed.tenant)
+        unknown: list[Effect] = [] if found else [facts.TenantUnknown(rec.partition, rec.offset)]
+        if self._over_share(tenant, parsed.task_id):
+            self._hold(tenant, rec)
+            return [*unknown, facts.Held(tenant, rec.partition, rec.offset)]
+        return [*unknown, *self._track(rec, parsed, tenant, at)]
+
+    def _parse(self, rec: Record) -> TaskRequest | Rejected:
         cfg = self.config
-        parsed = parse_task(
+        return parse_task(
             rec.value,
             max_bytes=cfg.kafka.max_message_bytes,
             max_timeout_s=cfg.polling.max_timeout_s,
+            tenant_field=self._tenants.field,
         )
-        if isinstance(parsed, Rejected):
-            return self._dead_letter(rec, parsed)
+
+    def _track(self, rec: Record, parsed: TaskRequest, tenant: str, at: Instant) -> list[Effect]:
+        """Poll what ``rec`` asks for: a new task, a parked one revived, or a duplicate
+        joining the task in flight."""
+        cfg, part = self.config, (rec.topic, rec.partition)
         origin = (rec.topic, rec.partition, rec.offset)
         now = at.mono
         known = self._active.get(parsed.task_id)
@@ -194,9 +232,10 @@ class Core:
             key=rec.key,
             headers=rec.headers,
             origin=origin,
+            tenant=tenant,
         )
         self._active[task.task_id] = task
-        self._states[State.POLLING] += 1
+        self._count(task.tenant, State.POLLING, +1)
         self.scheduler.schedule(task.task_id, self.policy.first_poll(task, now))
         return [facts.Consumed(task, rec.partition, rec.offset), *self._pending_delivery(task, at)]
 
@@ -481,18 +520,22 @@ class Core:
 
     # --- the broker acknowledges ---------------------------------------------------------
 
-    def acknowledged(self, ticket: int, at: Instant) -> list[facts.Fact]:
-        """The broker has the record (or it was given up): its input offsets are done."""
+    def acknowledged(self, ticket: int, at: Instant) -> list[Effect]:
+        """The broker has the record (or it was given up): its input offsets are done, and
+        a tenant whose records were held may have room again."""
         out = self._unacked.pop(ticket, None)
         if out is None:
             return []
         if isinstance(out, _DeadLetterOut):
             self._partitions.done(out.partition, out.offset)
             return [facts.DeadLetterDelivered(out.reason)]
-        self._states[State.PUBLISHING] -= 1
+        self._count(out.task.tenant, State.PUBLISHING, -1)
         for topic, partition, offset in out.task.origins:
             self._partitions.done((topic, partition), offset)
-        return [facts.Delivered(out.task, out.kind, out.finished, at)]
+        delivered: list[Effect] = [facts.Delivered(out.task, out.kind, out.finished, at)]
+        if self._held:
+            delivered += self.release_held(at)
+        return delivered
 
     # --- partitions: assigned, revoked, fenced -------------------------------------------
 
@@ -519,7 +562,7 @@ class Core:
         for task_id, task in list(self._active.items()):
             if task.state is State.PARKED and not task.partitions() & partitions:
                 del self._active[task_id]
-                self._states[State.PARKED] -= 1
+                self._count(task.tenant, State.PARKED, -1)
                 handed_over += 1
         kept = self._states[State.PARKED]
         numbers = sorted(p for _, p in partitions)
@@ -531,6 +574,7 @@ class Core:
         rebalance), the re-fetched records revive them with their poll history."""
         self._partitions.revoking(partitions)
         self._park(partitions)
+        self._drop_held(partitions)
 
     def release(self, partitions: set[Partition], why: str) -> list[Effect]:
         """Set ``partitions`` aside (after their last commit), counting the records the next
@@ -636,6 +680,100 @@ class Core:
         self._partitions.committed(plan)
         return out
 
+    # --- tenants: records held while a tenant is over its share (core.tenants) ----------
+
+    def _over_share(self, tenant: str, task_id: str) -> bool:
+        """Whether ``tenant``'s next record waits: it has records waiting already (they go
+        first), or as many tasks in flight as its share of polling.max_in_flight. A record
+        for a task being polled joins it instead."""
+        if self._held.get(tenant):
+            return True
+        known = self._active.get(task_id)
+        if known is not None and known.state is State.POLLING:
+            return False
+        share = self._weights.in_flight_share(
+            tenant, self.config.polling.max_in_flight, self._weight_with(tenant)
+        )
+        return self._load[tenant] >= share
+
+    def _weight_with(self, tenant: str) -> float:
+        """The active tenants' weights summed, ``tenant`` counted whether it is active yet."""
+        active = self._load.get(tenant, 0) > 0 or bool(self._held.get(tenant))
+        return self._active_weight + (0.0 if active else self._weights.weight(tenant))
+
+    def _hold(self, tenant: str, rec: Record) -> None:
+        held = self._held.get(tenant)
+        if held is None:
+            held = self._held[tenant] = collections.deque()
+            if self._load[tenant] == 0:
+                self._active_weight += self._weights.weight(tenant)
+        held.append(rec)
+        self.held_count += 1
+
+    def release_held(self, at: Instant) -> list[Effect]:
+        """Records of tenants under their share again (tasks finished, or another tenant
+        went quiet) become tasks, oldest first."""
+        out: list[Effect] = []
+        cap = self.config.polling.max_in_flight
+        for tenant in list(self._held):
+            held = self._held[tenant]
+            share = self._weights.in_flight_share(tenant, cap, self._weight_with(tenant))
+            while held and self._load[tenant] < share:
+                rec = held.popleft()
+                self.held_count -= 1
+                parsed = self._parse(rec)  # valid when held: parsed again, not kept
+                if not held:
+                    del self._held[tenant]
+                    if self._load[tenant] == 0:
+                        self._active_weight -= self._weights.weight(tenant)
+                if isinstance(parsed, TaskRequest):
+                    out += self._track(rec, parsed, tenant, at)
+        return out
+
+    def _drop_held(self, partitions: set[Partition]) -> None:
+        """Held records of partitions that left: the next owner fetches them again."""
+        for tenant in list(self._held):
+            held = self._held[tenant]
+            keep = collections.deque(r for r in held if (r.topic, r.partition) not in partitions)
+            self.held_count -= len(held) - len(keep)
+            if keep:
+                self._held[tenant] = keep
+                continue
+            del self._held[tenant]
+            if self._load[tenant] == 0:
+                self._active_weight -= self._weights.weight(tenant)
+
+    def tenants_sample(self, now: float) -> dict[str, TenantSample]:
+        """Per tenant: tasks in flight, records held, polls due and the longest a due poll
+        has waited (s). Empty without tenants."""
+        fair = self.scheduler.fair
+        if fair is None:
+            return {}
+        due = fair.queued()
+        oldest = fair.oldest_due(self.scheduler.waiting_set())
+        names = set(self._load) | set(self._held) | set(due)
+        return {
+            t: TenantSample(
+                self._load.get(t, 0),
+                len(self._held.get(t, ())),
+                due.get(t, 0),
+                max(0.0, now - oldest[t]) if t in oldest else 0.0,
+            )
+            for t in names
+        }
+
+    @property
+    def tenants_enabled(self) -> bool:
+        return self._tenants.enabled
+
+    def intake_room(self) -> int:
+        """How many more input records may be fetched: the in-flight cap, and with tenants
+        the held records' bound too."""
+        room = self.config.polling.max_in_flight - self.open_records
+        if self._tenants.enabled:
+            room += self.config.tenants.max_held
+        return room
+
     # --- internals -----------------------------------------------------------------------
 
     def _park(self, partitions: set[Partition]) -> None:
@@ -656,6 +794,7 @@ class Core:
         """Forget everything not committed for ``part``: its tasks are parked and its
         unacknowledged events dropped; revived when its records are fetched again."""
         self._park({part})
+        self._drop_held({part})
         for ticket, out in list(self._unacked.items()):
             if isinstance(out, _DeadLetterOut):
                 where: Partition | None = out.partition
@@ -668,7 +807,7 @@ class Core:
             if not isinstance(out, _EventOut):
                 continue
             if out.task.task_id in self._active:  # the same id is tracked again already
-                self._states[State.PUBLISHING] -= 1
+                self._count(out.task.tenant, State.PUBLISHING, -1)
             else:  # polled again when its record returns
                 self._move(out.task, State.PARKED)
                 self._active[out.task.task_id] = out.task
@@ -686,9 +825,24 @@ class Core:
 
     def _move(self, task: Task, state: State) -> None:
         """Change a task's state, keeping the counts per state (in_flight, parked) exact."""
-        self._states[task.state] -= 1
-        self._states[state] += 1
+        self._count(task.tenant, task.state, -1)
+        self._count(task.tenant, state, +1)
         task.state = state
+
+    def _count(self, tenant: str, state: State, delta: int) -> None:
+        """The counts per state, and each tenant's tasks in flight (polling, publishing)."""
+        self._states[state] += delta
+        if state is not State.PARKED and self._tenants.enabled:
+            before = self._load[tenant]
+            self._load[tenant] = before + delta
+            if not self._held.get(tenant) and (before == 0) != (before + delta == 0):
+                self._active_weight += self._weights.weight(tenant) * (1 if before == 0 else -1)
+                if before + delta == 0:
+                    del self._load[tenant]
+
+    def _tenant_of(self, task_id: str) -> str:
+        task = self._active.get(task_id)
+        return task.tenant if task is not None else self._tenants.default
 
     def _priority(self, task_id: str, due: float) -> float:
         task = self._active.get(task_id)

@@ -50,6 +50,23 @@ class Revived:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """A record of a tenant over its share of the in-flight slots: kept, not polled yet."""
+
+    tenant: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUnknown:
+    """A record whose tenant key is missing or unreadable: it is the default tenant's."""
+
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """A record fetched again whose event went out before: the offset map said so."""
 
@@ -172,6 +189,8 @@ Fact = (
     Consumed
     | Joined
     | Revived
+    | Held
+    | TenantUnknown
     | Skipped
     | DeadLettered
     | DeadLetterDelivered

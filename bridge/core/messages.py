@@ -49,6 +49,7 @@ class TaskRequest:
     timeout_s: float | None = None
     created_at: float | None = None  # unix seconds, when the producer knew it
     metadata: dict[str, Any] | None = None
+    tenant: object = None  # what the JSON input had at tenants.key's field, if asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +149,14 @@ def _json_problem(value: Any) -> str | None:
 
 
 def parse_task(
-    value: bytes | None, *, max_bytes: int, max_timeout_s: float
+    value: bytes | None,
+    *,
+    max_bytes: int,
+    max_timeout_s: float,
+    tenant_field: tuple[str, ...] | None = None,
 ) -> TaskRequest | Rejected:
+    """The task a record asks for, or why not; ``tenant_field``: where the tenant is in a
+    JSON input (its value, unchecked, is the request's ``tenant``)."""
     if value is None:
         return Rejected("empty", "message has no value (tombstone)")
     if len(value) > max_bytes:
@@ -162,7 +169,7 @@ def parse_task(
     if not stripped:
         return Rejected("empty", "value is empty")
     if stripped[0] in '{["':
-        return _parse_json(stripped, max_timeout_s)
+        return _parse_json(stripped, max_timeout_s, tenant_field)
     return _check_id(stripped) or TaskRequest(task_id=stripped)
 
 
@@ -177,7 +184,9 @@ def _check_id(task_id: str) -> Rejected | None:
     return None
 
 
-def _parse_json(text: str, max_timeout_s: float) -> TaskRequest | Rejected:
+def _parse_json(
+    text: str, max_timeout_s: float, tenant_field: tuple[str, ...] | None
+) -> TaskRequest | Rejected:
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -221,4 +230,14 @@ def _parse_json(text: str, max_timeout_s: float) -> TaskRequest | Rejected:
         timeout_s=timeout,
         created_at=parse_timestamp(obj.get("created_at")),
         metadata=metadata,
+        tenant=_field(obj, tenant_field) if tenant_field else None,
     )
+
+
+def _field(obj: dict[str, Any], path: tuple[str, ...]) -> object:
+    node: object = obj
+    for name in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(name)
+    return node

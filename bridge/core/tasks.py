@@ -43,6 +43,7 @@ class Task:
         "prediction",
         "state",
         "task_id",
+        "tenant",
         "timeout_s",
     )
 
@@ -59,8 +60,10 @@ class Task:
         key: bytes | None = None,
         headers: Headers = (),
         origin: Origin | None = None,
+        tenant: str = "default",
     ) -> None:
         self.task_id = task_id
+        self.tenant = tenant  # whose task (tenants.key); one tenant without tenants
         self.model = model
         self.created = created  # best estimate of when the API created the task
         self.created_wall = created_wall

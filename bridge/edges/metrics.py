@@ -71,10 +71,36 @@ class ModelLabels:
         return model
 
 
+class TenantLabels:
+    """Caps distinct ``tenant`` label values: the tenants named in the config, then the
+    first ``limit`` others seen; the rest are "other". Tenants come from untrusted input."""
+
+    def __init__(self, limit: int, named: list[str]) -> None:
+        self._limit = limit
+        self._named = set(named)
+        self._seen: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self._named or tenant in self._seen:
+            return tenant
+        if len(self._seen) >= self._limit:
+            return "other"
+        self._seen.add(tenant)
+        return tenant
+
+
 class Metrics:
-    def __init__(self, *, max_model_labels: int = 200, version: str = "0") -> None:
+    def __init__(
+        self,
+        *,
+        max_model_labels: int = 200,
+        version: str = "0",
+        max_tenant_labels: int = 20,
+        named_tenants: list[str] | None = None,
+    ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.model_label = ModelLabels(max_model_labels)
+        self.tenant_label = TenantLabels(max_tenant_labels, named_tenants or [])
         p = PREFIX
         Info(f"{p}_build", "Build information.", registry=r).info({"version": version})
         self.consumed = Counter(
@@ -186,6 +212,49 @@ class Metrics:
         self.budget_utilization = Gauge(
             f"{p}_budget_utilization_ratio",
             "Requests made over requests allowed by the budget in the last interval.",
+            registry=r,
+        )
+        self.tenant_finished = Counter(
+            f"{p}_tenant_tasks_finished",
+            "Tasks finished per tenant (tenants.key; the named and first tenants, the rest "
+            "as other).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.tenant_delay = Histogram(
+            f"{p}_tenant_detection_delay_bound_seconds",
+            "detection_delay_bound_seconds per tenant.",
+            ["tenant"],
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_in_flight = Gauge(
+            f"{p}_tenant_tasks_in_flight",
+            "Tasks being polled or published, per tenant (the busiest named, the rest other).",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_held = Gauge(
+            f"{p}_tenant_records_held",
+            "Records of tenants over their share of polling.max_in_flight, waiting unpolled.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_due = Gauge(
+            f"{p}_tenant_polls_due",
+            "Polls due and waiting (a request slot, the budget), per tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_waited = Gauge(
+            f"{p}_tenant_oldest_due_seconds",
+            "How long the tenant's longest-waiting due poll has waited: a starved tenant's grows.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_unknown = Counter(
+            f"{p}_tenant_key_missing",
+            "Records whose tenant key was missing or unreadable (counted in tenants.default).",
             registry=r,
         )
         self.budget_share = Gauge(

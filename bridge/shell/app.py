@@ -88,7 +88,10 @@ class Bridge:
         self.rng = rng or random.Random()
         self.policy = policy or make_policy(config, self.rng)
         self.metrics = metrics or Metrics(
-            max_model_labels=config.polling.max_model_labels, version=__version__
+            max_model_labels=config.polling.max_model_labels,
+            version=__version__,
+            max_tenant_labels=config.tenants.max_labels,
+            named_tenants=[r.tenant for r in config.tenants.rules],
         )
         self.core = Core(config, policy=self.policy, rng=self.rng, now=self.clock.monotonic())
         self.telemetry = Telemetry(self.metrics, self.core, now=self.clock.monotonic())

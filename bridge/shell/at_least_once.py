@@ -199,7 +199,7 @@ class AtLeastOnce:
 
     def publish(self, p: Publish) -> None:
         def on_ack() -> None:
-            self._effects.report(self._core.acknowledged(p.ticket, self._clock.read()))
+            self._effects.apply(self._core.acknowledged(p.ticket, self._clock.read()))
 
         done = self._publisher.publish(p.record, on_ack, p.reduced)
         self._unsettled.add(done)

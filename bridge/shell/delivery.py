@@ -76,17 +76,10 @@ class Effects:
             if isinstance(effect, Publish):
                 assert self.mode is not None, "a record to publish before the mode exists"
                 self.mode.publish(effect)
-            else:
-                self.report((effect,))
-
-    def report(self, found: Iterable[Effect]) -> None:
-        """Facts only (an acknowledgement's, say): telemetry, then the listeners."""
-        for fact in found:
-            if isinstance(fact, Publish):
-                raise TypeError("report() takes facts; publish records with apply()")
-            self._telemetry.observe((fact,))
+                continue
+            self._telemetry.observe((effect,))
             for listener in self.listeners:
-                listener(fact)
+                listener(effect)
 
 
 async def read_starts(

@@ -313,7 +313,7 @@ class ExactlyOnce:
         metrics.transactions.labels("committed").inc()
         at = self._clock.read()
         planned = {part: plan} if plan is not None else {}
-        self._effects.report(core.transaction_committed(tickets, planned, at))
+        self._effects.apply(core.transaction_committed(tickets, planned, at))
         metrics.commits.inc()
 
     async def _failed(self, lane: _Lane, exc: BaseException) -> None:

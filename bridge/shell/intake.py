@@ -2,7 +2,8 @@
 
 ``getmany`` runs every 200 ms whatever happens, which keeps this member inside
 ``max.poll.interval.ms`` however long tasks take; at ``polling.max_in_flight`` open records
-the partitions are paused instead of buffering. Which records are taken is the core's
+(with tenants: and ``tenants.max_held`` held ones) the partitions are paused instead of
+buffering. Which records are taken is the core's
 decision (``bridge.core.partitions``: a partition leaving, fenced or not started yet takes
 none); this loop only fetches, seeks where the core says, and isolates a record the client
 cannot decode so that it is dead-lettered.
@@ -50,10 +51,9 @@ class Intake:
 
     async def run(self) -> None:
         consumer = self._consumer
-        cap = self._config.polling.max_in_flight
         batch_cap = self._config.kafka.fetch_max_records
         while self.running:
-            room = cap - self._core.open_records
+            room = self._core.intake_room()
             self._set_paused(room <= 0)
             self._update_pauses()
             try:

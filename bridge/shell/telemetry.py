@@ -28,6 +28,8 @@ class Telemetry:
     def __init__(self, metrics: Metrics, core: Core, *, now: float) -> None:
         self.metrics = metrics
         self._core = core
+        self._tenants = core.tenants_enabled
+        self._tenant_labels = core.config.tenants.max_labels
         self._budget_wait_seen = 0.0
         self._taken_seen = 0  # scheduler.taken at the last gauge sample
         self._sampled_at = now
@@ -43,6 +45,10 @@ class Telemetry:
                     self._joined(fact)
                 case facts.Revived():
                     self._revived(fact)
+                case facts.Held():
+                    pass  # counted by the gauges' sample: one per record would cost
+                case facts.TenantUnknown():
+                    self.metrics.tenant_unknown.inc()
                 case facts.Skipped():
                     self._skipped(fact)
                 case facts.DeadLettered():
@@ -147,8 +153,15 @@ class Telemetry:
         p = t.prediction
         if kind == "completed" and p is not None and p.inference_ms is not None:
             m.inference.labels(model).observe(p.inference_ms / 1000.0)
+        delay = None
         if kind != "timeout" and t.last_pending_poll is not None:
-            m.detection_delay.labels(model).observe(f.finished.mono - t.last_pending_poll)
+            delay = f.finished.mono - t.last_pending_poll
+            m.detection_delay.labels(model).observe(delay)
+        if self._tenants:
+            tenant = m.tenant_label(t.tenant)
+            m.tenant_finished.labels(tenant, kind).inc()
+            if delay is not None:
+                m.tenant_delay.labels(tenant).observe(delay)
         if t.delivered_wall is not None:
             m.delivery_to_event.observe(max(0.0, f.at.wall - t.delivered_wall))
 
@@ -240,6 +253,30 @@ class Telemetry:
         elif outcome.kind is Kind.RATE_LIMITED:
             m.rate_limited.inc()
 
+    def _tenant_gauges(self, now: float) -> None:
+        """The busiest tenants by name (those with the most in flight, held or due), the
+        rest summed as "other": the label set stays bounded however many tenants come."""
+        m, limit = self.metrics, self._tenant_labels
+        sample = self._core.tenants_sample(now)
+        ranked = sorted(
+            sample, key=lambda t: -(sample[t].in_flight + sample[t].held + sample[t].due)
+        )
+        rows: dict[str, list[float]] = {}
+        for i, tenant in enumerate(ranked):
+            s = sample[tenant]
+            row = rows.setdefault(tenant if i < limit else "other", [0, 0, 0, 0.0])
+            row[0] += s.in_flight
+            row[1] += s.held
+            row[2] += s.due
+            row[3] = max(row[3], s.waited_s)
+        for gauge in (m.tenant_in_flight, m.tenant_held, m.tenant_due, m.tenant_waited):
+            gauge.clear()
+        for label, (in_flight, held, due, waited) in rows.items():
+            m.tenant_in_flight.labels(label).set(in_flight)
+            m.tenant_held.labels(label).set(held)
+            m.tenant_due.labels(label).set(due)
+            m.tenant_waited.labels(label).set(waited)
+
     def gauges(self, now: float, lag: int | None) -> None:
         """Sample the core's state (every commit interval)."""
         m, core = self.metrics, self._core
@@ -257,6 +294,8 @@ class Telemetry:
             label = m.model_label(model)
             m.model_completion.labels(label, "50").set(median)
             m.model_completion.labels(label, "90").set(p90)
+        if self._tenants:
+            self._tenant_gauges(now)
         if lag is not None:
             m.consumer_lag.set(lag)
         m.offset_map_bytes.clear()

@@ -12,7 +12,8 @@ Two loops. One reads. The other watches, every ``CHECK_INTERVAL_S``: it looks fo
 topic's partitions (every ``LOOK_MISSING_S`` until the topic exists, then every
 ``LOOK_INTERVAL_S``, so a partition count that grows is followed) and says whether the
 feed is *live*: every partition of the topic read, reads not failing, and each position at
-or past the end offset seen one check before. The core hears of every change
+or past the end offset seen ``LAG_CHECKS`` checks before (a busy replica reads in batches;
+a stalled feed is noticed within about 2.5 s). The core hears of every change
 (``Core.webhook_feed``): polls wait for deliveries only while the feed is live, since a
 delivery cannot reach a replica that does not read it.
 """
@@ -20,6 +21,7 @@ delivery cannot reach a replica that does not read it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -46,9 +48,10 @@ from bridge.shell.delivery import Effects
 
 log = structlog.get_logger("wavespeed_bridge.webhooks")
 
-# Liveness is checked this often: a delivery the feed does not read is noticed within two
-# checks, well inside a poll interval, so polls deferred for it are not late by much.
+# Liveness is checked this often: a feed that stops reading is noticed within LAG_CHECKS + 1
+# checks, so polls deferred for deliveries it would not see are not late by much.
 CHECK_INTERVAL_S = 0.5
+LAG_CHECKS = 4  # behind by what the topic held this many checks ago (2 s): not live
 # The topic's partitions are looked up this often once found, and while it is missing. A
 # lookup is one metadata request for every topic, as the health probe's.
 LOOK_INTERVAL_S = 5.0
@@ -232,7 +235,9 @@ class WebhookFeed:
 
     async def _watch(self) -> None:
         looked_at = float("-inf")
-        ends_before: dict[int, int] | None = None  # None: the first turn only measures
+        # End offsets of the last few turns: a feed is behind when it has not read what was
+        # in the topic LAG_CHECKS turns ago (a busy replica reads in batches, not at once).
+        ends_seen: collections.deque[dict[int, int]] = collections.deque(maxlen=LAG_CHECKS)
         while True:
             now = self._clock.monotonic()
             if now - looked_at >= (LOOK_INTERVAL_S if self._found else LOOK_MISSING_S):
@@ -241,10 +246,11 @@ class WebhookFeed:
                     async with asyncio.timeout(REQUEST_TIMEOUT_S):
                         await self._look()
             positions, ends, error = await self._measure()
-            if ends_before is not None:
+            if len(ends_seen) == LAG_CHECKS:
                 failing = error or self._failing
-                self._report(not_live(self._found, self._assigned, failing, positions, ends_before))
-            ends_before = ends
+                before = ends_seen[0]
+                self._report(not_live(self._found, self._assigned, failing, positions, before))
+            ends_seen.append(ends)
             await asyncio.sleep(CHECK_INTERVAL_S)
 
     async def _look(self) -> None:
