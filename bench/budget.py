@@ -15,7 +15,8 @@ limit. Run from the repo root (Java 17 and Maven for Kafka)::
 3. **Rolling restart** (webhooks on, 1% of deliveries lost, adaptive polling, tasks of
    8-20 s arriving steadily): polls per task of the tasks created in the first minute
    after every replica was restarted, and after a new replica joined, against the steady
-   state before; and the same restart without the state topic (cold), for comparison.
+   state before (tasks created 60 to 25 s before the restart: finished before it); and the
+   same restart without the state topic (cold), for comparison.
 
 Writes ``bench/results/budget.md`` (``--no-write`` prints it).
 """
@@ -293,7 +294,7 @@ async def skewed(cluster: KafkaCluster, workdir: Path) -> dict[str, Any]:
 async def rolling(cluster: KafkaCluster, workdir: Path, warm: bool) -> dict[str, Any]:
     """Two replicas, webhooks on (1% lost), tasks of 8-20 s arriving at 8/s; a rolling
     restart, then a third replica joins. Polls per task by when the task was created."""
-    sim = Simulator(api_key=API_KEY, seed=3)
+    sim = Simulator(api_key=API_KEY, seed=3, record_poll_times=True)
     await sim.start()
     sim.set_webhook_faults(loss_rate=0.01)
     tag = f"roll-{'warm' if warm else 'cold'}"
@@ -343,8 +344,10 @@ async def rolling(cluster: KafkaCluster, workdir: Path, warm: bool) -> dict[str,
         await sees(d, 0, 2)
         feeding = asyncio.create_task(feed())
         await asyncio.sleep(WARM_S)  # learned: deliveries trusted, completion times known
-        steady_from = time.time() - 30
+        # Steady state: tasks created 60 to 25 s before the restart, all finished (8-20 s)
+        # before it touches anything.
         restart_at = time.time()
+        steady = (restart_at - 60, restart_at - 25)
         for i in range(2):  # a rolling restart: each pod replaced in turn
             d.procs[i].send_signal(signal.SIGTERM)
             await asyncio.to_thread(d.procs[i].wait, 30)
@@ -375,8 +378,21 @@ async def rolling(cluster: KafkaCluster, workdir: Path, warm: bool) -> dict[str,
         chosen = [t for at, t in created if since <= at < until_]
         return statistics.fmean(sim.tasks[t].polls for t in chosen) if chosen else float("nan")
 
+    def where(since: float, until_: float) -> dict[str, int]:
+        """Diagnosis: the window's polls before and after their task finished."""
+        chosen = [sim.tasks[t] for at, t in created if since <= at < until_]
+        before = sum(1 for t in chosen for p in t.poll_times if p < t.done_at)
+        after = sum(1 for t in chosen for p in t.poll_times if p >= t.done_at)
+        return {"tasks": len(chosen), "polls_before_done": before, "polls_after_done": after}
+
+    print(
+        "rolling diagnosis",
+        {"steady": where(*steady), "after_restart": where(restarted, restarted + 60)},
+        flush=True,
+    )
+
     return {
-        "steady": polls(steady_from, restart_at),
+        "steady": polls(*steady),
         "after_restart": polls(restarted, restarted + 60),
         "after_join": polls(joined, joined + 60),
     }
@@ -433,21 +449,29 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-async def main_async(write: bool) -> None:
+async def main_async(write: bool, phases: set[str]) -> None:
+    jkl: dict[str, Any] = {}
+    skew: dict[str, Any] = {}
+    warm: dict[str, Any] = {}
+    cold: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         workdir = Path(tmp)
         cluster = await start_cluster(1, directory=workdir / "kafka")
         try:
-            jkl = await join_kill_leave(cluster, workdir)
-            print("join/kill/leave", jkl, flush=True)
-            skew = await skewed(cluster, workdir)
-            print("skewed", skew, flush=True)
-            warm = await rolling(cluster, workdir, warm=True)
-            print("rolling, warm", warm, flush=True)
-            cold = await rolling(cluster, workdir, warm=False)
-            print("rolling, cold", cold, flush=True)
+            if "share" in phases:
+                jkl = await join_kill_leave(cluster, workdir)
+                print("join/kill/leave", jkl, flush=True)
+                skew = await skewed(cluster, workdir)
+                print("skewed", skew, flush=True)
+            if "rolling" in phases:
+                warm = await rolling(cluster, workdir, warm=True)
+                print("rolling, warm", warm, flush=True)
+                cold = await rolling(cluster, workdir, warm=False)
+                print("rolling, cold", cold, flush=True)
         finally:
             cluster.close()
+    if phases != {"share", "rolling"}:
+        return  # a partial run: printed, not written
     text = report(jkl, skew, warm, cold)
     print(text)
     if write:
@@ -458,8 +482,9 @@ async def main_async(write: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.budget")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--phases", default="share,rolling", help="share, rolling or both")
     args = parser.parse_args()
-    asyncio.run(main_async(not args.no_write))
+    asyncio.run(main_async(not args.no_write, set(args.phases.split(","))))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ async def daemon(
     return spawn(workdir, cfg)
 
 
-def spawn(workdir: Path, cfg: dict[str, Any]) -> subprocess.Popen[bytes]:
+def spawn(
+    workdir: Path, cfg: dict[str, Any], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     k = cfg["kafka"]
     path = workdir / f"{k['group_id']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -94,7 +96,7 @@ def spawn(workdir: Path, cfg: dict[str, Any]) -> subprocess.Popen[bytes]:
         cwd=ROOT,
         stdout=(workdir / f"{k['group_id']}.log").open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "WAVESPEED_API_KEY": API_KEY},
+        env={**os.environ, "WAVESPEED_API_KEY": API_KEY, **(env or {})},
     )
 
 

@@ -395,6 +395,9 @@ class EventsConfig(BaseModel):
     # CloudEvents Kafka binding content mode: one JSON object per record, or ce_* headers
     # with the data as the value (what Knative's Kafka source and sink also accept).
     mode: Literal["structured", "binary"] = "structured"
+    # Input headers whose value is not UTF-8 text: dropped from the event (and counted), or
+    # kept, which the official CloudEvents SDK (Python, 1.x and 2.x) cannot read.
+    binary_headers: Literal["drop", "keep"] = "drop"
 
 
 class WebhooksConfig(BaseModel):
@@ -493,6 +496,14 @@ class TenantsConfig(BaseModel):
         return next((r for r in self.rules if r.tenant == tenant), None)
 
 
+class TracingConfig(BaseModel):
+    """OpenTelemetry traces; where they go and how many are kept: the OTEL_* environment."""
+
+    model_config = _SECTION
+
+    enabled: bool = False
+
+
 class ClusterConfig(BaseModel):
     """What the replicas of one deployment (one WaveSpeed account) share through Kafka."""
 
@@ -527,6 +538,7 @@ class Config(BaseModel):
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tenants: TenantsConfig = Field(default_factory=TenantsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     shutdown_grace_s: PositiveFloat = 20.0
 
     @model_validator(mode="after")

@@ -28,7 +28,15 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from bridge.core.events import CONTENT_TYPE
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
-from tests.helpers import Names, create_topics, make_config, running_bridge, sim_create
+from tests.helpers import (
+    Names,
+    create_topics,
+    make_config,
+    metric_value,
+    running_bridge,
+    scrape,
+    sim_create,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -258,7 +266,8 @@ async def test_librdkafka_in_and_out_with_every_codec(
     broker: Broker, sim: Simulator, names: Names, codec: str
 ) -> None:
     """Keys, binary and null header values, compressed input; the bridge compresses its
-    events with the same codec; librdkafka reads them back."""
+    events with the same codec; librdkafka reads them back. A header value that is not
+    UTF-8 is left off the event (the SDK could not read it) and kept on a dead letter."""
     await create_topics(broker, names)
     ids = await sim_create(sim, [{"model": "m", "duration_s": 0.1} for _ in range(5)])
     inputs: list[tuple[bytes | None, bytes, Headers]] = [
@@ -285,22 +294,46 @@ async def test_librdkafka_in_and_out_with_every_codec(
     for i, task_id in enumerate(ids):
         rec = by_key[task_id.encode()]
         assert rec.topic == names.completed
-        assert rec.headers == [
-            ("bin", bytes([0xFF, 0x00, i])),
-            ("null", None),
-            ("content-type", CONTENT_TYPE),
-        ]
-        parsed = _parse_structured_only(rec)
-        assert parsed.get_type() == TYPE + "completed"
-        assert parsed.get_data()["input"]["key"] == {"text": f"user-{i}"}
+        assert rec.headers == [("null", None), ("content-type", CONTENT_TYPE)]
+        parsed = _parse(rec, "structured")  # every parser of the SDK, 1.x and 2.x
+        assert parsed["type"] == TYPE + "completed"
+        assert parsed["data"]["input"]["key"] == {"text": f"user-{i}"}
     dead = by_key[b"\xfe\xff"]
     assert dead.topic == names.dead_letter and dead.value == b"\xff not utf-8"
     assert dead.headers[0] == ("bin", b"\x80")
     assert dict(dead.headers)["dlq.reason"] == b"not_utf8"
 
 
-def _parse_structured_only(rec: Rec) -> Any:
-    # 2.x's structured parser reads no header: values that are not UTF-8 do not matter.
-    assert rec.value is not None
-    message = kafka.KafkaMessage(headers=_sdk_headers(rec.headers), key=rec.key, value=rec.value)
-    return kafka.from_kafka_event(message)
+@pytest.mark.parametrize("mode", ["structured", "binary"])
+@pytest.mark.parametrize("policy", ["drop", "keep"])
+async def test_an_input_header_that_is_not_text_never_breaks_a_subscriber(
+    broker: Broker, sim: Simulator, names: Names, mode: str, policy: str
+) -> None:
+    """The header policy (events.binary_headers), read with the official SDK, both content
+    modes, both API generations: dropped (the default), every parser reads the event; kept
+    (opt-in), the header arrives as it came and the parsers that decode headers fail, which
+    is why it is not the default."""
+    await create_topics(broker, names)
+    (task,) = await sim_create(sim, [{"model": "m", "duration_s": 0.1, "outcome": "completed"}])
+    headers: Headers = [("schema-id", b"\x00\x00\x00\x01\xff"), ("tenant", b"acme")]
+    config = make_config(
+        broker,
+        sim.base_url,
+        names,
+        events={"source": SOURCE, "mode": mode, "binary_headers": policy},
+    )
+    async with running_bridge(config) as bridge:
+        await asyncio.to_thread(
+            _produce, broker.bootstrap, names.input, [(None, task.encode(), headers)]
+        )
+        (rec,) = await asyncio.to_thread(_consume, broker.bootstrap, [names.completed], 1)
+        text = await scrape(bridge.server.port)
+    carried = [(k, v) for k, v in rec.headers if k in ("schema-id", "tenant")]
+    dropped = metric_value(text, "wavespeed_bridge_event_headers_dropped_total")
+    if policy == "drop":
+        assert carried == [("tenant", b"acme")] and dropped == 1
+        assert _parse(rec, mode)["subject"] == task  # 2.x, both parsers, and 1.x agree
+    else:
+        assert carried == headers and dropped == 0
+        with pytest.raises(UnicodeDecodeError):
+            _parse(rec, mode)

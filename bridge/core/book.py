@@ -18,6 +18,7 @@ partition's life here (assigned, revoked, fenced; its epochs, offsets and commit
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import random
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from bridge.config import Config
 from bridge.core import events as ev
-from bridge.core import facts, learning
+from bridge.core import facts, learning, tracecontext
 from bridge.core.clock import Instant
 from bridge.core.deliveries import DeliveryMemory
 from bridge.core.facts import Effect, Publish
@@ -95,6 +96,7 @@ class Core:
             if a.budget_scope == "account":
                 rate *= config.cluster.fallback_share
             budget = TokenBucket(rate, self._burst(rate), now)
+        self._keep_binary_headers = config.events.binary_headers == "keep"
         self._tenants = TenantKey(config.tenants)
         self._weights = Weights(config.tenants)
         fair = None
@@ -212,6 +214,7 @@ class Core:
             # Only a task still being polled can take it: an event built cannot list it.
             known.origins.append(origin)
             return [facts.Joined(known.task_id, rec.partition, rec.offset)]
+        headers, dropped = ev.carried_headers(rec.headers, self._keep_binary_headers)
         created_wall = min(
             x
             for x in (
@@ -230,14 +233,18 @@ class Core:
             timeout_s=parsed.timeout_s or cfg.polling.default_timeout_s,
             metadata=parsed.metadata,
             key=rec.key,
-            headers=rec.headers,
+            headers=headers,
             origin=origin,
             tenant=tenant,
+            trace=tracecontext.from_headers(rec.headers),
         )
         self._active[task.task_id] = task
         self._count(task.tenant, State.POLLING, +1)
         self.scheduler.schedule(task.task_id, self.policy.first_poll(task, now))
-        return [facts.Consumed(task, rec.partition, rec.offset), *self._pending_delivery(task, at)]
+        out: list[Effect] = [facts.Consumed(task, rec.partition, rec.offset)]
+        if dropped:
+            out.append(facts.HeadersDropped(rec.partition, rec.offset, dropped))
+        return [*out, *self._pending_delivery(task, at)]
 
     def on_undecodable(self, topic: str, partition: int, offset: int, why: str) -> list[Effect]:
         """A record the Kafka client could not decode: dead-lettered by its offset alone."""
@@ -274,7 +281,13 @@ class Core:
         return [
             facts.DeadLettered(rec.partition, rec.offset, why.reason, why.detail),
             # Too large to publish: only the dlq.* headers.
-            Publish(ticket, record, lambda: build(None, None, 0), (rec.topic, rec.partition)),
+            Publish(
+                ticket,
+                record,
+                lambda: build(None, None, 0),
+                (rec.topic, rec.partition),
+                tracecontext.from_headers(rec.headers),  # dead letters keep the input's
+            ),
         ]
 
     # --- polls ---------------------------------------------------------------------------
@@ -429,6 +442,7 @@ class Core:
             source=cfg.events.source,
             input_key=task.key,
             origins=list(task.origins),
+            trace=task.trace,
         )
         topic, mode = self._topics[kind], cfg.events.mode
         ticket = next(self._tickets)
@@ -436,7 +450,8 @@ class Core:
         record = ev.event_record(topic, event, task.headers, mode)
         reduced = _reduced(event, topic, mode)
         origin = (task.origins[0][0], task.origins[0][1]) if task.origins else None
-        return [facts.Finished(task, kind, reason), Publish(ticket, record, reduced, origin)]
+        published = Publish(ticket, record, reduced, origin, task.trace, task.model)
+        return [facts.Finished(task, kind, reason), published]
 
     # --- webhook deliveries ----------------------------------------------------------------
 
@@ -707,6 +722,9 @@ class Core:
             held = self._held[tenant] = collections.deque()
             if self._load[tenant] == 0:
                 self._active_weight += self._weights.weight(tenant)
+        elif rec.key is not None and rec.key == held[0].key and rec.key is not held[0].key:
+            # A flood's records mostly share one key (often the tenant): keep one copy.
+            rec = dataclasses.replace(rec, key=held[0].key)
         held.append(rec)
         self.held_count += 1
 

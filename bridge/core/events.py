@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from bridge.core import tracecontext
 from bridge.core.messages import Headers, safe_text
 from bridge.core.outcomes import FAILED_STATUSES, Prediction
+from bridge.core.tracecontext import Trace
 
 EventType = Literal["completed", "failed", "timeout"]
 EventMode = Literal["structured", "binary"]
@@ -27,6 +29,7 @@ CONTENT_TYPE = b"application/cloudevents+json; charset=utf-8"
 DATA_CONTENT_TYPE = "application/json"
 # Context attributes written as ce_* headers in binary mode (datacontenttype is content-type).
 _BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
+_TRACE_ATTRIBUTES = ("traceparent", "tracestate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,7 @@ def build_event(
     input_key: bytes | None,
     origins: list[tuple[str, int, int]],
     event_id: str | None = None,
+    trace: Trace | None = None,
 ) -> dict[str, Any]:
     """The CloudEvent for a task that reached ``kind``; ``*_at`` are unix seconds."""
     p = prediction or Prediction()
@@ -113,7 +117,7 @@ def build_event(
         },
     }
     event_type = TYPE_PREFIX + kind
-    return {
+    event: dict[str, Any] = {
         "specversion": "1.0",
         "id": event_id or outcome_id(source, task_id, event_type),
         "source": source,
@@ -121,8 +125,13 @@ def build_event(
         "subject": task_id,
         "time": rfc3339(observed_at),
         "datacontenttype": DATA_CONTENT_TYPE,
-        "data": data,
     }
+    if trace is not None:  # the distributed-tracing extension: the trace the task started
+        event["traceparent"] = tracecontext.traceparent(trace)
+        if state := tracecontext.tracestate(trace):
+            event["tracestate"] = state
+    event["data"] = data
+    return event
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -159,6 +168,25 @@ def _binding_header(name: str) -> bool:
     return lower.startswith("ce_") or lower == "content-type"
 
 
+def carried_headers(headers: Headers, keep_binary: bool) -> tuple[Headers, int]:
+    """The input's headers an event may carry, and how many were left out: a value that is
+    not UTF-8 text breaks the official CloudEvents SDK, which decodes every header (the
+    1.x API and the 2.x binding), so such a header is dropped unless ``keep_binary``. A null
+    value stays null. Dead letters keep every header as it came."""
+    if keep_binary:
+        return headers, 0
+    kept = tuple((k, v) for k, v in headers if v is None or _text(v))
+    return kept, len(headers) - len(kept)
+
+
+def _text(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def event_record(
     topic: str, event: dict[str, Any], headers: Headers, mode: EventMode = "structured"
 ) -> OutputRecord:
@@ -173,6 +201,9 @@ def event_record(
     if mode == "binary":
         for name in _BINARY_ATTRIBUTES:
             carried.append((f"ce_{name}", str(event[name]).encode("utf-8")))
+        for name in _TRACE_ATTRIBUTES:
+            if name in event:
+                carried.append((f"ce_{name}", event[name].encode("ascii")))
         carried.append(("content-type", event["datacontenttype"].encode("utf-8")))
         return OutputRecord(topic=topic, key=key, value=encode(event["data"]), headers=carried)
     carried.append(("content-type", CONTENT_TYPE))

@@ -14,6 +14,7 @@ from bridge.core.clock import Instant
 from bridge.core.events import EventType, OutputRecord
 from bridge.core.outcomes import Outcome
 from bridge.core.tasks import Task
+from bridge.core.tracecontext import Trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,9 @@ class Publish:
     record: OutputRecord
     reduced: Callable[[], OutputRecord] | None = None
     partition: tuple[str, int] | None = None  # the input partition it answers
+    trace: Trace | None = None  # the trace context of the task (or input) it answers
+    model: str | None = None
+    settle: Callable[[bool], None] | None = None  # set by the shell: ends the send's span
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,15 @@ class Held:
     tenant: str
     partition: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersDropped:
+    """Input headers not carried to the event: values that are not UTF-8 text."""
+
+    partition: int
+    offset: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +204,7 @@ Fact = (
     | Revived
     | Held
     | TenantUnknown
+    | HeadersDropped
     | Skipped
     | DeadLettered
     | DeadLetterDelivered

@@ -7,6 +7,7 @@ from typing import Any
 
 from bridge.core.messages import Headers
 from bridge.core.outcomes import Prediction
+from bridge.core.tracecontext import Trace
 
 Origin = tuple[str, int, int]  # (topic, partition, offset) of an input record
 
@@ -45,6 +46,7 @@ class Task:
         "task_id",
         "tenant",
         "timeout_s",
+        "trace",
     )
 
     def __init__(
@@ -61,8 +63,11 @@ class Task:
         headers: Headers = (),
         origin: Origin | None = None,
         tenant: str = "default",
+        trace: Trace | None = None,
     ) -> None:
         self.task_id = task_id
+        # The W3C context the task came with (core.tracecontext), or its first span's.
+        self.trace = trace
         self.tenant = tenant  # whose task (tenants.key); one tenant without tenants
         self.model = model
         self.created = created  # best estimate of when the API created the task

@@ -252,6 +252,12 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.headers_dropped = Counter(
+            f"{p}_event_headers_dropped",
+            "Input headers not carried to events: values that are not UTF-8 text, which the "
+            "official CloudEvents SDK cannot read (events.binary_headers: drop).",
+            registry=r,
+        )
         self.tenant_unknown = Counter(
             f"{p}_tenant_key_missing",
             "Records whose tenant key was missing or unreadable (counted in tenants.default).",

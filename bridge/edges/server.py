@@ -1,11 +1,16 @@
-"""The metrics and health HTTP server: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready)."""
+"""The metrics and health HTTP server: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready).
+
+``/metrics`` speaks the Prometheus text format, or OpenMetrics (with the histograms'
+exemplars: trace ids) to a scraper that asks for it in ``Accept``, as Prometheus does when
+exemplar storage is on."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 
 class HealthServer:
@@ -26,8 +31,9 @@ class HealthServer:
         self.port = port
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encode(self._registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     @staticmethod
     def _probe(check: Callable[[], tuple[bool, str]]) -> web.Response:

@@ -57,6 +57,7 @@ from bridge.core.webhook_signature import (
     signing_key,
 )
 from bridge.edges.metrics import Metrics
+from bridge.edges.tracing import Tracing
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -153,8 +154,10 @@ class WebhookServer:
         metrics: Metrics,
         clock: Clock | None = None,
         replica: str = "",
+        tracing: Tracing | None = None,
     ) -> None:
         self._config = config
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._replica = replica  # named in each record: its reader counts what no task took
         self._key = signing_key(secret)  # raises on an empty secret: refuse to start
         self._publish = publish
@@ -198,6 +201,7 @@ class WebhookServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
+        span = self._tracing.webhook(request.path, request.headers) if self._tracing else None
         if self._active >= self._config.max_concurrent_requests:
             answer = Answer("overloaded", f"{self._active} requests in progress")
         else:
@@ -211,6 +215,8 @@ class WebhookServer:
         self._metrics.webhook_deliveries.labels(answer.result).inc()
         self._metrics.webhook_request_duration.observe(time.monotonic() - started)
         self._log(answer, request.remote)
+        if span is not None:
+            Tracing.answered(span, answer.code, answer.result, answer.task_id)
         response = web.Response(status=answer.code, text=answer.result + "\n")
         if answer.result in RETRY_AFTER_S:
             response.headers["Retry-After"] = RETRY_AFTER_S[answer.result]

@@ -39,6 +39,7 @@ from bridge.edges import kafka as kafka_io
 from bridge.edges.api import ApiClient
 from bridge.edges.metrics import Metrics
 from bridge.edges.server import HealthServer
+from bridge.edges.tracing import Tracing
 from bridge.edges.webhook_server import WebhookServer, kafka_publish
 from bridge.shell.at_least_once import AtLeastOnce, Publisher
 from bridge.shell.bounded import StartupTimeout, bounded, startup_limit_s
@@ -94,7 +95,10 @@ class Bridge:
             named_tenants=[r.tenant for r in config.tenants.rules],
         )
         self.core = Core(config, policy=self.policy, rng=self.rng, now=self.clock.monotonic())
-        self.telemetry = Telemetry(self.metrics, self.core, now=self.clock.monotonic())
+        self.tracing = Tracing.start(config)
+        self.telemetry = Telemetry(
+            self.metrics, self.core, self.tracing, now=self.clock.monotonic()
+        )
         self.effects = Effects(self.telemetry)  # what the core returns goes through it
         self.api = ApiClient.from_config(config.api, api_key)
         w = config.webhooks
@@ -365,6 +369,7 @@ class Bridge:
             metrics=self.metrics,
             clock=self.clock,
             replica=self.replica,
+            tracing=self.tracing,
         )
         try:
             await bounded(self.webhook_server.start(), limit, "the webhook receiver to listen")
@@ -458,3 +463,6 @@ class Bridge:
                     await asyncio.wait_for(client.stop(), 5.0)
         await self.api.aclose()
         await self.server.stop()
+        if self.tracing.enabled:  # the spans still batched, within the SDK's own timeouts
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown), 10.0)

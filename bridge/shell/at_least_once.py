@@ -199,6 +199,8 @@ class AtLeastOnce:
 
     def publish(self, p: Publish) -> None:
         def on_ack() -> None:
+            if p.settle is not None:
+                p.settle(True)
             self._effects.apply(self._core.acknowledged(p.ticket, self._clock.read()))
 
         done = self._publisher.publish(p.record, on_ack, p.reduced)

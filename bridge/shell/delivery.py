@@ -42,7 +42,8 @@ class DeliveryMode(Protocol):
         ...
 
     def publish(self, p: Publish) -> None:
-        """Send ``p``'s record; the core hears of its acknowledgement by ticket."""
+        """Send ``p``'s record; the core hears of its acknowledgement by ticket, and
+        ``p.settle`` (when set) whether it was delivered."""
         ...
 
     async def commit(self) -> None:
@@ -68,6 +69,7 @@ class Effects:
 
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
+        self._tracing = telemetry.tracing
         self.mode: DeliveryMode | None = None  # set once built (it reports through here)
         self.listeners: list[Callable[[Fact], None]] = []  # facts, after telemetry
 
@@ -75,6 +77,8 @@ class Effects:
         for effect in effects:
             if isinstance(effect, Publish):
                 assert self.mode is not None, "a record to publish before the mode exists"
+                if self._tracing.enabled:  # the send's span, its context in the record
+                    effect = self._tracing.publish(effect)
                 self.mode.publish(effect)
                 continue
             self._telemetry.observe((effect,))

@@ -76,9 +76,10 @@ class Dispatcher:
             await self._sleep(None if at is None else at - now)
 
     async def _poll(self, task: Task) -> None:
-        metrics = self._telemetry.metrics
+        metrics, tracing = self._telemetry.metrics, self._telemetry.tracing
         started = self._clock.monotonic()
         metrics.requests_in_flight.inc()
+        span = tracing.poll(task) if tracing.enabled else None
         try:
             limit = self._core.request_limit(task, started)
             outcome = await self._api.fetch(task.task_id, self._clock.time(), limit)
@@ -87,6 +88,8 @@ class Dispatcher:
             metrics.requests_in_flight.dec()
             self.wake()
         at = self._clock.read()
+        if span is not None:
+            tracing.polled(span, outcome)
         self._telemetry.request_done(outcome, at.mono - started)
         self._effects.apply(self._core.on_outcome(task, outcome, at))
 

@@ -305,12 +305,14 @@ class ExactlyOnce:
                 await asyncio.gather(*(f for _, f in sent if f is not None))
             # IllegalOperation: the producer left the transaction after an error of its own.
             except (KafkaError, TimeoutError, IllegalOperation, _Failed) as exc:
+                _settle(sent, False)
                 await self._failed(lane, exc)
                 return
             finally:
                 lane.open = False
                 self._count_pending()
         metrics.transactions.labels("committed").inc()
+        _settle(sent, True)
         at = self._clock.read()
         planned = {part: plan} if plan is not None else {}
         self._effects.apply(core.transaction_committed(tickets, planned, at))
@@ -347,3 +349,9 @@ class ExactlyOnce:
                 await asyncio.wait_for(lane.producer.abort_transaction(), TRANSACTION_TIMEOUT_S)
         except Exception:  # the producer is unusable: a new one aborts on the broker side
             self._drop(lane)
+
+
+def _settle(sent: list[tuple[Publish, asyncio.Future[Any] | None]], delivered: bool) -> None:
+    for p, _ in sent:
+        if p.settle is not None:
+            p.settle(delivered)

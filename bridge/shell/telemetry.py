@@ -15,18 +15,23 @@ from typing import assert_never
 
 import structlog
 
-from bridge.core import facts
+from bridge.core import facts, tracecontext
 from bridge.core.book import Core
 from bridge.core.facts import Fact
 from bridge.core.outcomes import Kind, Outcome, status_class
+from bridge.core.tasks import Task
 from bridge.edges.metrics import Metrics
+from bridge.edges.tracing import Tracing, ids
 
 log = structlog.get_logger("wavespeed_bridge")
 
 
 class Telemetry:
-    def __init__(self, metrics: Metrics, core: Core, *, now: float) -> None:
+    def __init__(
+        self, metrics: Metrics, core: Core, tracing: Tracing | None = None, *, now: float
+    ) -> None:
         self.metrics = metrics
+        self.tracing = tracing or Tracing.start(core.config)  # off unless configured
         self._core = core
         self._tenants = core.tenants_enabled
         self._tenant_labels = core.config.tenants.max_labels
@@ -49,6 +54,8 @@ class Telemetry:
                     pass  # counted by the gauges' sample: one per record would cost
                 case facts.TenantUnknown():
                     self.metrics.tenant_unknown.inc()
+                case facts.HeadersDropped():
+                    self.metrics.headers_dropped.inc(fact.count)
                 case facts.Skipped():
                     self._skipped(fact)
                 case facts.DeadLettered():
@@ -84,12 +91,15 @@ class Telemetry:
         m = self.metrics
         m.consumed.labels(m.model_label(f.task.model)).inc()
         m.in_flight.set(self._core.in_flight)
+        if self.tracing.enabled:
+            self.tracing.consumed(f.task, f.partition, f.offset)
         log.info(
             "task consumed",
             task_id=f.task.task_id,
             model=f.task.model,
             partition=f.partition,
             offset=f.offset,
+            **ids(f.task),
         )
 
     def _joined(self, f: facts.Joined) -> None:
@@ -110,6 +120,7 @@ class Telemetry:
             polls=f.task.polls,
             partition=f.task.origins[0][1] if f.task.origins else None,
             offset=f.task.origins[0][2] if f.task.origins else None,
+            **ids(f.task),
         )
 
     def _skipped(self, f: facts.Skipped) -> None:
@@ -139,6 +150,7 @@ class Telemetry:
             reason=f.reason,
             partition=t.origins[0][1] if t.origins else None,
             offset=t.origins[0][2] if t.origins else None,
+            **ids(t),
         )
 
     def _delivered(self, f: facts.Delivered) -> None:
@@ -147,7 +159,8 @@ class Telemetry:
         m.finished.labels(model, kind).inc()
         m.published.labels(kind).inc()
         m.polls_per_task.labels(model).observe(t.polls)
-        m.end_to_end.labels(model, kind).observe(max(0.0, f.at.wall - t.created_wall))
+        exemplar = exemplar_of(t)
+        m.end_to_end.labels(model, kind).observe(max(0.0, f.at.wall - t.created_wall), exemplar)
         m.publish_latency.observe(max(0.0, f.at.mono - f.finished.mono))
         m.in_flight.set(self._core.in_flight)
         p = t.prediction
@@ -156,7 +169,7 @@ class Telemetry:
         delay = None
         if kind != "timeout" and t.last_pending_poll is not None:
             delay = f.finished.mono - t.last_pending_poll
-            m.detection_delay.labels(model).observe(delay)
+            m.detection_delay.labels(model).observe(delay, exemplar)
         if self._tenants:
             tenant = m.tenant_label(t.tenant)
             m.tenant_finished.labels(tenant, kind).inc()
@@ -174,6 +187,7 @@ class Telemetry:
             task_id=f.task.task_id,
             webhook_id=f.webhook_id,
             confirm_by_poll=f.confirm,
+            **ids(f.task),
         )
 
     def _delivery_expired(self, f: facts.DeliveryExpired) -> None:
@@ -301,3 +315,10 @@ class Telemetry:
         m.offset_map_bytes.clear()
         for (_, partition), size in core.map_sizes().items():
             m.offset_map_bytes.labels(str(partition)).set(size)
+
+
+def exemplar_of(task: Task) -> dict[str, str] | None:
+    """The exemplar of a task's histogram observations: its trace id (OpenMetrics only)."""
+    if task.trace is None:
+        return None
+    return {"trace_id": tracecontext.ids(task.trace)[0]}

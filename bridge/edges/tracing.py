@@ -1,0 +1,236 @@
+"""OpenTelemetry tracing: the bridge's spans, on the OpenTelemetry SDK, exported over OTLP.
+
+Off by default (``tracing.enabled``). When on, the standard ``OTEL_*`` environment
+variables configure it as in any instrumented service: ``OTEL_EXPORTER_OTLP_ENDPOINT``
+(OTLP over HTTP), ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG`` (default: parent
+based, always on), ``OTEL_SERVICE_NAME`` (default ``wavespeed-bridge``), and the others the
+SDK reads. The spans follow the semantic conventions for messaging and HTTP:
+
+- ``process <input topic>`` (CONSUMER), short, when a record becomes a task: a child of the
+  producer's context (the record's ``traceparent``), or the root of a new trace;
+- ``GET`` (CLIENT) for each result poll, never one span open for the minutes a task takes;
+- ``POST <webhook path>`` (SERVER) for each webhook delivery;
+- ``send <topic>`` (PRODUCER) for each event, from the send to the broker's acknowledgement
+  (in exactly-once mode, the transaction's commit); its context is the record's
+  ``traceparent`` header.
+
+Every span of a task is a child of the context the task started with
+(``bridge.core.tracecontext``): polls and the event's send sit beside the consume span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    TraceState,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.status import Status, StatusCode
+
+from bridge import __version__
+from bridge.config import Config
+from bridge.core import tracecontext
+from bridge.core.events import OutputRecord
+from bridge.core.facts import Publish
+from bridge.core.outcomes import Outcome
+from bridge.core.tasks import Task
+from bridge.core.tracecontext import Trace
+
+if TYPE_CHECKING:  # the SDK is imported only when tracing is on
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+SYSTEM = "kafka"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+def _context(t: Trace | None) -> Context | None:
+    """The parent context for a span of a task that started with ``t``."""
+    if t is None:
+        return None
+    trace_id, span_id, flags, state = tracecontext.unpack(t)
+    parent = SpanContext(
+        trace_id,
+        span_id,
+        is_remote=True,
+        trace_flags=TraceFlags(flags),
+        trace_state=TraceState.from_header([state]) if state else TraceState(),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def _packed(span: Span) -> int:
+    ctx = span.get_span_context()
+    return tracecontext.pack(ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
+
+
+class Tracing:
+    """The bridge's tracer, or nothing at all when tracing is off (``enabled`` False: every
+    caller checks it first, so the hot path pays one attribute read)."""
+
+    def __init__(
+        self, provider: TracerProvider | None, *, group: str, input_topic: str, api_url: str
+    ) -> None:
+        self._provider = provider
+        self.enabled = provider is not None
+        self._tracer = provider.get_tracer("wavespeed_bridge", __version__) if provider else None
+        self._group, self._input = group, input_topic
+        url = urlsplit(api_url)
+        self._api_host, self._api_port = url.hostname or "", url.port
+
+    @classmethod
+    def start(cls, config: Config, exporter: SpanExporter | None = None) -> Tracing:
+        names = {
+            "group": config.kafka.group_id,
+            "input_topic": config.kafka.input_topic,
+            "api_url": config.api.base_url,
+        }
+        if not config.tracing.enabled:
+            return cls(None, **names)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        name = os.environ.get("OTEL_SERVICE_NAME") or "wavespeed-bridge"
+        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))  # sampler: env
+        provider.add_span_processor(BatchSpanProcessor(exporter or OTLPSpanExporter()))
+        return cls(provider, **names)
+
+    def shutdown(self) -> None:
+        """Export what is left (blocking: call it from a thread)."""
+        if self._provider is not None:
+            self._provider.shutdown()
+
+    @property
+    def _t(self) -> trace.Tracer:
+        assert self._tracer is not None, "tracing is off"
+        return self._tracer
+
+    # --- spans ---------------------------------------------------------------------------
+
+    def consumed(self, task: Task, partition: int, offset: int) -> None:
+        """The short CONSUMER span of a record that became a task; a task that came without
+        a context starts its trace here."""
+        span = self._t.start_span(
+            f"process {self._input}",
+            context=_context(task.trace),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": self._input,
+                "messaging.destination.partition.id": str(partition),
+                "messaging.kafka.offset": offset,
+                "messaging.consumer.group.name": self._group,
+                "messaging.kafka.message.key": task.task_id,
+                "wavespeed.task.id": task.task_id,
+                "wavespeed.model": task.model or "",
+            },
+        )
+        if task.trace is None:
+            task.trace = _packed(span)
+        span.end()
+
+    def poll(self, task: Task) -> Span:
+        """Start the CLIENT span of one result poll; :meth:`polled` ends it."""
+        attributes: dict[str, Any] = {
+            "http.request.method": "GET",
+            "server.address": self._api_host,
+            "wavespeed.task.id": task.task_id,
+            "wavespeed.model": task.model or "",
+        }
+        if self._api_port is not None:
+            attributes["server.port"] = self._api_port
+        return self._t.start_span(
+            "GET", context=_context(task.trace), kind=SpanKind.CLIENT, attributes=attributes
+        )
+
+    @staticmethod
+    def polled(span: Span, outcome: Outcome) -> None:
+        if outcome.status_code is not None:
+            span.set_attribute("http.response.status_code", outcome.status_code)
+        span.set_attribute("wavespeed.outcome", outcome.kind.value)
+        if outcome.error is not None:  # no usable answer: the HTTP conventions' error.type
+            span.set_attribute("error.type", outcome.error.value)
+            span.set_status(Status(StatusCode.ERROR, outcome.reason[:200]))
+        span.end()
+
+    def publish(self, p: Publish) -> Publish:
+        """``p`` with the PRODUCER span of its record started: the span's context in the
+        record's ``traceparent`` header, and ``settle`` ending the span (with whether the
+        record was delivered: acknowledged, or committed in its transaction)."""
+        span = self._t.start_span(
+            f"send {p.record.topic}",
+            context=_context(p.trace),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": p.record.topic,
+                "messaging.kafka.message.key": (p.record.key or b"").decode("utf-8", "replace"),
+                "wavespeed.model": p.model or "",
+            },
+        )
+        header = ("traceparent", tracecontext.traceparent(_packed(span)).encode())
+
+        def traced(record: OutputRecord) -> OutputRecord:
+            kept = [(k, v) for k, v in record.headers if k.lower() not in _TRACE_HEADERS]
+            return OutputRecord(record.topic, record.key, record.value, [*kept, header])
+
+        def settle(delivered: bool) -> None:
+            if not delivered:
+                span.set_status(Status(StatusCode.ERROR, "not delivered"))
+            span.end()
+
+        reduced = p.reduced
+        return dataclasses.replace(
+            p,
+            record=traced(p.record),
+            reduced=(lambda: traced(reduced())) if reduced is not None else None,
+            settle=settle,
+        )
+
+    def webhook(self, path: str, headers: Mapping[str, str]) -> Span:
+        """Start the SERVER span of one webhook delivery (a child of the sender's context,
+        if it sent one); :meth:`answered` ends it."""
+        parent = _PROPAGATOR.extract(headers)
+        return self._t.start_span(
+            f"POST {path}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "http.route": path, "url.path": path},
+        )
+
+    @staticmethod
+    def answered(span: Span, status: int, result: str, task_id: str | None) -> None:
+        span.set_attribute("http.response.status_code", status)
+        span.set_attribute("wavespeed.webhook.result", result)
+        if task_id is not None:
+            span.set_attribute("wavespeed.task.id", task_id)
+        if status >= 500:  # the sender retries; a 4xx is the sender's error, not ours
+            span.set_status(Status(StatusCode.ERROR, result))
+        span.end()
+
+
+def ids(task: Task) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` for a task's log lines (none without a context)."""
+    if task.trace is None:
+        return {}
+    trace_id, span_id = tracecontext.ids(task.trace)
+    return {"trace_id": trace_id, "span_id": span_id}
