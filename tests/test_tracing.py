@@ -13,6 +13,13 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
@@ -160,8 +167,10 @@ def test_spans_of_a_task_are_children_of_the_producers_context(
     task = consumed.task
     tracing.consumed(task, 0, 7)
     span = tracing.poll(task)
+    assert span is not None
     tracing.polled(span, Outcome(Kind.PENDING, 200))
     span = tracing.poll(task)
+    assert span is not None
     tracing.polled(span, Outcome(Kind.TRANSIENT, 503, reason="503", error=ErrorKind.SERVER_ERROR))
     clock.advance(1.0)
     (p,) = published(poll_all(core, clock, completed()))
@@ -221,7 +230,9 @@ def test_a_task_without_a_context_starts_its_trace_at_the_consume_span(
 
 def test_a_send_not_delivered_ends_in_error(spans: tuple[Tracing, InMemorySpanExporter]) -> None:
     tracing, exporter = spans
-    p = Publish(1, OutputRecord("out", b"k", b"v", [("traceparent", b"stale")]), None)
+    recorded = tracecontext.mark_recorded(tracecontext.parse(PARENT) or 0)
+    record = OutputRecord("out", b"k", b"v", [("traceparent", b"stale")])
+    p = Publish(1, record, None, trace=recorded)
     sent = tracing.publish(p)
     assert [k for k, _ in sent.record.headers].count("traceparent") == 1
     assert exporter.get_finished_spans() == ()  # open until settled
@@ -241,6 +252,53 @@ def test_a_webhook_delivery_is_a_server_span_under_the_senders_context(
     attrs = dict(got.attributes or {})
     assert attrs["http.response.status_code"] == 200
     assert attrs["wavespeed.task.id"] == "task1"
+
+
+UNSAMPLED = f"00-{TRACE_ID}-{SPAN_ID}-00".encode()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "parent", "recorded"),
+    [
+        (ParentBased(ALWAYS_ON), PARENT, True),
+        (ParentBased(ALWAYS_ON), UNSAMPLED, False),  # the producer's decision stands
+        (ALWAYS_ON, UNSAMPLED, True),
+        (ALWAYS_OFF, PARENT, False),
+        (ParentBased(TraceIdRatioBased(0.0)), None, False),
+        (ParentBased(TraceIdRatioBased(1.0)), None, True),
+    ],
+)
+def test_the_sampler_decides_once_per_task_and_a_task_left_out_costs_no_span(
+    sampler: Sampler, parent: bytes | None, recorded: bool
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider, group="g", input_topic=T, api_url="http://api.test")
+    clock = ManualClock()
+    core = make(clock)
+    headers = (("traceparent", parent),) if parent is not None else ()
+    (consumed,) = core.on_record(traced(0, headers), clock.read())
+    assert isinstance(consumed, Consumed)
+    tracing.consumed(consumed.task, 0, 0)
+    assert consumed.task.trace is not None  # the context goes on either way
+    assert tracecontext.recorded(consumed.task.trace) is recorded
+    span = tracing.poll(consumed.task)
+    assert (span is not None) is recorded
+    if span is not None:
+        tracing.polled(span, Outcome(Kind.PENDING, 200))
+    clock.advance(1.0)
+    (p,) = published(poll_all(core, clock, completed()))
+    sent = tracing.publish(p)
+    if sent.settle is not None:
+        sent.settle(True)
+    assert (sent is p) is not recorded
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    assert names == (sorted(["GET", f"process {T}", f"send {p.record.topic}"]) if recorded else [])
+    if parent is not None:  # the event names the producer's trace, sampled or not
+        event = json.loads(p.record.value or b"")
+        assert event["traceparent"] == parent.decode()
+    provider.shutdown()
 
 
 def test_tracing_is_off_by_default_and_then_makes_no_spans() -> None:

@@ -22,6 +22,11 @@ MAX_TRACESTATE = 512  # the W3C limit
 Trace = int | tuple[int, str]  # packed traceparent, and the tracestate when there is one
 
 
+_RECORDED = 1 << 200  # above the trace id: the bridge makes spans for this task
+_ID128 = (1 << 128) - 1
+_ID64 = (1 << 64) - 1
+
+
 def pack(trace_id: int, span_id: int, flags: int) -> int:
     return (trace_id << 72) | (span_id << 8) | flags
 
@@ -29,7 +34,28 @@ def pack(trace_id: int, span_id: int, flags: int) -> int:
 def unpack(trace: Trace) -> tuple[int, int, int, str]:
     """(trace id, span id, flags, tracestate)"""
     packed, state = trace if isinstance(trace, tuple) else (trace, "")
-    return packed >> 72, (packed >> 8) & 0xFFFF_FFFF_FFFF_FFFF, packed & 0xFF, state
+    return (packed >> 72) & _ID128, (packed >> 8) & _ID64, packed & 0xFF, state
+
+
+def sampled(trace: Trace) -> bool:
+    """The context's sampled flag: someone records this trace."""
+    packed = trace[0] if isinstance(trace, tuple) else trace
+    return bool(packed & 1)
+
+
+def recorded(trace: Trace | None) -> bool:
+    """Whether the bridge decided to make spans for the task with this context (once, when
+    the task was taken: every later span of the task follows that one decision)."""
+    if trace is None:
+        return False
+    packed = trace[0] if isinstance(trace, tuple) else trace
+    return bool(packed & _RECORDED)
+
+
+def mark_recorded(trace: Trace) -> Trace:
+    if isinstance(trace, tuple):
+        return trace[0] | _RECORDED, trace[1]
+    return trace | _RECORDED
 
 
 def parse(value: bytes | None) -> int | None:

@@ -1,5 +1,7 @@
 """structlog set-up: a processor pipeline ending in JSON lines or a console renderer.
 
+:func:`trace_ids` turns a task's packed trace context into ``trace_id`` and ``span_id``.
+
 :class:`Redactor` sits last before rendering and removes every configured secret from
 every value, tracebacks included, so no log line can carry the API key or a password.
 """
@@ -14,7 +16,20 @@ from typing import Any, TextIO
 
 import structlog
 
+from bridge.core import tracecontext
+
 REDACTED = "[REDACTED]"
+
+
+def trace_ids(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A task's packed trace context (``trace=``, from ``bridge.core.tracecontext``) as
+    ``trace_id`` and ``span_id``: formatted only for lines that are written."""
+    t = event_dict.pop("trace", None)
+    if t is not None:
+        event_dict["trace_id"], event_dict["span_id"] = tracecontext.ids(t)
+    return event_dict
 
 
 class Redactor:
@@ -66,6 +81,7 @@ def configure(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            trace_ids,
             redactor,
             renderer,
         ],

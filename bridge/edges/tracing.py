@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
@@ -72,6 +72,12 @@ def _context(t: Trace | None) -> Context | None:
     return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
+def _parent_based(provider: TracerProvider) -> bool:
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    return isinstance(provider.sampler, ParentBased)
+
+
 def _packed(span: Span) -> int:
     ctx = span.get_span_context()
     return tracecontext.pack(ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
@@ -89,7 +95,14 @@ class Tracing:
         self._tracer = provider.get_tracer("wavespeed_bridge", __version__) if provider else None
         self._group, self._input = group, input_topic
         url = urlsplit(api_url)
-        self._api_host, self._api_port = url.hostname or "", url.port
+        self._api_host = url.hostname or ""
+        self._api_port = url.port or (443 if url.scheme == "https" else 80)
+        self._parent_based = provider is not None and _parent_based(provider)
+        self._record_and_sample: object = None
+        if provider is not None:
+            from opentelemetry.sdk.trace.sampling import Decision
+
+            self._record_and_sample = Decision.RECORD_AND_SAMPLE
 
     @classmethod
     def start(cls, config: Config, exporter: SpanExporter | None = None) -> Tracing:
@@ -124,41 +137,60 @@ class Tracing:
 
     def consumed(self, task: Task, partition: int, offset: int) -> None:
         """The short CONSUMER span of a record that became a task; a task that came without
-        a context starts its trace here."""
-        span = self._t.start_span(
-            f"process {self._input}",
-            context=_context(task.trace),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "process",
-                "messaging.operation.name": "process",
-                "messaging.destination.name": self._input,
-                "messaging.destination.partition.id": str(partition),
-                "messaging.kafka.offset": offset,
-                "messaging.consumer.group.name": self._group,
-                "messaging.kafka.message.key": task.task_id,
-                "wavespeed.task.id": task.task_id,
-                "wavespeed.model": task.model or "",
-            },
-        )
-        if task.trace is None:
-            task.trace = _packed(span)
+        a context starts its trace here. The sampler decides here, once per task: a task it
+        leaves out costs its later polls and its send one bit test each, and no span."""
+        name = f"process {self._input}"
+        t = task.trace
+        if t is not None and not self._samples(t, name):
+            return  # the input's context goes on, unrecorded
+        span = self._t.start_span(name, context=_context(t), kind=SpanKind.CONSUMER)
+        if t is None:
+            t = _packed(span)
+        if span.is_recording():  # attributes only for spans kept: a few µs each
+            span.set_attributes(
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "process",
+                    "messaging.operation.name": "process",
+                    "messaging.destination.name": self._input,
+                    "messaging.destination.partition.id": str(partition),
+                    "messaging.kafka.offset": offset,
+                    "messaging.consumer.group.name": self._group,
+                    "wavespeed.task.id": task.task_id,
+                    "wavespeed.model": task.model or "",
+                }
+            )
+            t = tracecontext.mark_recorded(t)
+        task.trace = t
         span.end()
 
-    def poll(self, task: Task) -> Span:
-        """Start the CLIENT span of one result poll; :meth:`polled` ends it."""
-        attributes: dict[str, Any] = {
-            "http.request.method": "GET",
-            "server.address": self._api_host,
-            "wavespeed.task.id": task.task_id,
-            "wavespeed.model": task.model or "",
-        }
-        if self._api_port is not None:
-            attributes["server.port"] = self._api_port
-        return self._t.start_span(
-            "GET", context=_context(task.trace), kind=SpanKind.CLIENT, attributes=attributes
+    def _samples(self, t: Trace, name: str) -> bool:
+        """The sampler's decision for a task that came with context ``t``, taken without
+        making a span: a parent-based sampler follows the producer's sampled flag (the
+        defaults of every ``OTEL_TRACES_SAMPLER`` choice), the others decide by trace id."""
+        assert self._provider is not None
+        sampler = self._provider.sampler
+        if self._parent_based:
+            return tracecontext.sampled(t)
+        trace_id = tracecontext.unpack(t)[0]
+        decision = sampler.should_sample(None, trace_id, name, SpanKind.CONSUMER)
+        return decision.decision is self._record_and_sample
+
+    def poll(self, task: Task) -> Span | None:
+        """Start the CLIENT span of one result poll (None for a task not recorded);
+        :meth:`polled` ends it."""
+        if not tracecontext.recorded(task.trace):
+            return None
+        span = self._t.start_span("GET", context=_context(task.trace), kind=SpanKind.CLIENT)
+        span.set_attributes(
+            {
+                "http.request.method": "GET",
+                "server.address": self._api_host,
+                "server.port": self._api_port,
+                "wavespeed.task.id": task.task_id,
+            }
         )
+        return span
 
     @staticmethod
     def polled(span: Span, outcome: Outcome) -> None:
@@ -173,7 +205,10 @@ class Tracing:
     def publish(self, p: Publish) -> Publish:
         """``p`` with the PRODUCER span of its record started: the span's context in the
         record's ``traceparent`` header, and ``settle`` ending the span (with whether the
-        record was delivered: acknowledged, or committed in its transaction)."""
+        record was delivered: acknowledged, or committed in its transaction). A task not
+        recorded keeps its record as it is (the input's ``traceparent`` among its headers)."""
+        if not tracecontext.recorded(p.trace):
+            return p
         span = self._t.start_span(
             f"send {p.record.topic}",
             context=_context(p.trace),
@@ -226,11 +261,3 @@ class Tracing:
         if status >= 500:  # the sender retries; a 4xx is the sender's error, not ours
             span.set_status(Status(StatusCode.ERROR, result))
         span.end()
-
-
-def ids(task: Task) -> dict[str, str]:
-    """``trace_id`` and ``span_id`` for a task's log lines (none without a context)."""
-    if task.trace is None:
-        return {}
-    trace_id, span_id = tracecontext.ids(task.trace)
-    return {"trace_id": trace_id, "span_id": span_id}

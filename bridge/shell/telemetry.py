@@ -21,7 +21,7 @@ from bridge.core.facts import Fact
 from bridge.core.outcomes import Kind, Outcome, status_class
 from bridge.core.tasks import Task
 from bridge.edges.metrics import Metrics
-from bridge.edges.tracing import Tracing, ids
+from bridge.edges.tracing import Tracing
 
 log = structlog.get_logger("wavespeed_bridge")
 
@@ -99,7 +99,7 @@ class Telemetry:
             model=f.task.model,
             partition=f.partition,
             offset=f.offset,
-            **ids(f.task),
+            trace=f.task.trace,
         )
 
     def _joined(self, f: facts.Joined) -> None:
@@ -120,7 +120,7 @@ class Telemetry:
             polls=f.task.polls,
             partition=f.task.origins[0][1] if f.task.origins else None,
             offset=f.task.origins[0][2] if f.task.origins else None,
-            **ids(f.task),
+            trace=f.task.trace,
         )
 
     def _skipped(self, f: facts.Skipped) -> None:
@@ -150,7 +150,7 @@ class Telemetry:
             reason=f.reason,
             partition=t.origins[0][1] if t.origins else None,
             offset=t.origins[0][2] if t.origins else None,
-            **ids(t),
+            trace=t.trace,
         )
 
     def _delivered(self, f: facts.Delivered) -> None:
@@ -187,7 +187,7 @@ class Telemetry:
             task_id=f.task.task_id,
             webhook_id=f.webhook_id,
             confirm_by_poll=f.confirm,
-            **ids(f.task),
+            trace=f.task.trace,
         )
 
     def _delivery_expired(self, f: facts.DeliveryExpired) -> None:
@@ -318,7 +318,8 @@ class Telemetry:
 
 
 def exemplar_of(task: Task) -> dict[str, str] | None:
-    """The exemplar of a task's histogram observations: its trace id (OpenMetrics only)."""
-    if task.trace is None:
+    """The exemplar of a task's histogram observations: its trace id (OpenMetrics only),
+    when that trace is sampled (an exemplar pointing at a trace nobody kept is noise)."""
+    if task.trace is None or not tracecontext.sampled(task.trace):
         return None
     return {"trace_id": tracecontext.ids(task.trace)[0]}
