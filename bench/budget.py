@@ -358,7 +358,7 @@ async def rolling(cluster: KafkaCluster, workdir: Path, warm: bool) -> dict[str,
             d.hook_ports.append(hook_port)
             await sees(d, index, 2)
         restarted = time.time()
-        await asyncio.sleep(60)
+        await asyncio.sleep(60 + 25)  # the window's tasks (8-20 s) finish before the join
         hook_port = free_port()
         d.extra["webhooks"] = {"enabled": True, "port": hook_port, "topic": f"hooks-{tag}"}
         joined_index = d.start(workdir, sim.webhook_secret)
