@@ -12,7 +12,8 @@ limit. Run from the repo root (Java 17 and Maven for Kafka)::
    the mean while demand exceeds the budget; 429s over the whole run.
 2. **Skewed demand**: two deployments of one account (two input topics and groups, one
    coordination topic), one with 90% of the due polls: its share of the requests.
-3. **Rolling restart** (webhooks on, 1% of deliveries lost, adaptive polling, tasks of
+3. **Rolling restart** (webhooks on behind one URL that passes each delivery to a live
+   replica, as a Kubernetes Service; 1% of deliveries lost; adaptive polling; tasks of
    8-20 s arriving steadily): polls per task of the tasks created in the first minute
    after every replica was restarted, and after a new replica joined, against the steady
    state before (tasks created 60 to 25 s before the restart: finished before it); and the
@@ -33,13 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.procs import Scrape
@@ -291,6 +293,51 @@ async def skewed(cluster: KafkaCluster, workdir: Path) -> dict[str, Any]:
     }
 
 
+class Balancer:
+    """The webhook endpoint as a Kubernetes Service would be: one URL, each request passed
+    to a live replica in turn (a refused connection tries the next one)."""
+
+    def __init__(self, ports: Callable[[], list[int]]) -> None:
+        self._ports = ports
+        self._turn = 0
+        self._runner: web.AppRunner | None = None
+        self._client: httpx.AsyncClient | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{path:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self._client = httpx.AsyncClient(timeout=10.0)
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        assert self._client is not None
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        ports = self._ports()
+        for _ in range(len(ports)):
+            self._turn += 1
+            port = ports[self._turn % len(ports)]
+            try:
+                r = await self._client.post(
+                    f"http://127.0.0.1:{port}{request.path}", content=body, headers=headers
+                )
+            except httpx.TransportError:
+                continue  # that pod is gone or not listening yet
+            return web.Response(status=r.status_code, body=r.content)
+        return web.Response(status=503)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
 async def rolling(cluster: KafkaCluster, workdir: Path, warm: bool) -> dict[str, Any]:
     """Two replicas, webhooks on (1% lost), tasks of 8-20 s arriving at 8/s; a rolling
     restart, then a third replica joins. Polls per task by when the task was created."""
@@ -312,15 +359,17 @@ async def rolling(cluster: KafkaCluster, workdir: Path, warm: bool) -> dict[str,
     created: list[tuple[float, str]] = []
     stop = asyncio.Event()
 
+    balancer = Balancer(lambda: [p for p in d.hook_ports if p])
+    await balancer.start()
+
     async def feed() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=cluster.bootstrap, linger_ms=5)
         await producer.start()
         rng = random.Random(3)
         try:
             while not stop.is_set():
-                # Each task gets one replica's webhook URL, as a load balancer spreads them.
-                hooks = [p for p in d.hook_ports if p]
-                hook = f"http://127.0.0.1:{rng.choice(hooks)}/webhooks/wavespeed"
+                # One URL for every task, as a Kubernetes Service in front of the replicas.
+                hook = f"{balancer.url}/webhooks/wavespeed"
                 (task_id,) = await sim_tasks(
                     sim,
                     [{"model": "m", "duration_s": rng.uniform(8.0, 20.0), "webhook": hook}],
@@ -372,6 +421,7 @@ async def rolling(cluster: KafkaCluster, workdir: Path, warm: bool) -> dict[str,
     finally:
         stop.set()
         d.stop_all()
+        await balancer.stop()
         await sim.stop()
 
     def polls(since: float, until_: float) -> float:
