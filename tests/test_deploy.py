@@ -749,6 +749,23 @@ def test_rendered_config_passes_check_config(helm: str, tmp_path: Path) -> None:
         load_config(path, env=pod_env(container))  # same, in-process
 
 
+def test_tracing_sets_the_standard_otel_environment_only_when_on(helm: str) -> None:
+    def env(values: str) -> dict[str, str]:
+        (container,) = one(render(helm, values), "Deployment")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        return {k: v for k, v in pod_env(container).items() if k.startswith("OTEL_")}
+
+    assert env("default") == {}
+    assert env("all-features") == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.05",
+        "OTEL_SERVICE_NAME": "wavespeed-bridge",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=prod",
+    }
+
+
 def test_notes_render(helm: str, tmp_path: Path) -> None:
     """NOTES.txt renders (helm template skips it): warns without a key, names the topics."""
     chart = tmp_path / "chart"
