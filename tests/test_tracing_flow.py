@@ -41,7 +41,8 @@ from tests.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
+# The first test may wait for scripts/test's background build of Jaeger (a fresh machine).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
