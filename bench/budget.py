@@ -452,7 +452,7 @@ def report(
     jkl: dict[str, Any], skew: dict[str, Any], warm: dict[str, Any], cold: dict[str, Any]
 ) -> str:
     def ratio(d: dict[str, Any], key: str) -> str:
-        return f"{d[key]:.2f} / {d['steady']:.2f} = {d[key] / d['steady']:.2f}x"
+        return f"{d[key]:.3f} / {d['steady']:.3f} = {d[key] / d['steady']:.2f}x"
 
     busy = f"{100 * skew['busy_share']:.1f}%"
     rows = [
