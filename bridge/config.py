@@ -16,6 +16,7 @@ import contextlib
 import copy
 import functools
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -74,6 +75,15 @@ def _http_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise _invalid(f"must start with http:// or https://, got {url!r}")
     return url
+
+
+def _absolute_uri(uri: str | None) -> str | None:
+    # CloudEvents: dataschema is an absolute URI (RFC 3986): a scheme, then no spaces.
+    if uri is not None and (
+        not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:\S+", uri) or not uri.isascii()
+    ):
+        raise _invalid(f"must be an absolute URI such as https://..., got {uri!r}")
+    return uri
 
 
 def _result_path(path: str) -> str:
@@ -398,6 +408,12 @@ class EventsConfig(BaseModel):
     # Input headers whose value is not UTF-8 text: dropped from the event (and counted), or
     # kept, which the official CloudEvents SDK (Python, 1.x and 2.x) cannot read.
     binary_headers: Literal["drop", "keep"] = "drop"
+    # The CloudEvents dataschema attribute: where subscribers find the schema of ``data`` (a
+    # registry or catalogue URL); unset, the stable URI of the schema version the bridge writes.
+    dataschema: Annotated[str | None, AfterValidator(_absolute_uri)] = None
+    # How long WaveSpeed keeps a prediction's outputs after its created_at (7 days): a
+    # completed event's data.expires_at.
+    output_retention_s: PositiveFloat = 7 * 86_400.0
 
 
 class WebhooksConfig(BaseModel):
@@ -875,6 +891,14 @@ def explain(config: Config) -> list[str]:
             "events     CloudEvents Kafka binding, binary mode: attributes in ce_* headers,"
             " content-type application/json, the event's data as the value (events.mode)"
         )
+    from bridge.core.events import DEFAULT_DATASCHEMA
+
+    days = config.events.output_retention_s / 86_400
+    lines.append(
+        f"contract   dataschema {config.events.dataschema or DEFAULT_DATASCHEMA}; completed"
+        f" events expire {days:g} days after created_at (data.expires_at,"
+        " events.output_retention_s); the AsyncAPI document: wavespeed-bridge asyncapi"
+    )
     if config.delivery == "exactly_once":
         prefix = k.transactional_id_prefix or k.group_id
         lines.append(

@@ -162,6 +162,19 @@ def test_events_mode_and_total_timeout() -> None:
     ]
 
 
+def test_dataschema_is_an_absolute_uri_and_retention_positive() -> None:
+    url = "https://registry.example/schemas/prediction-event/7"
+    config = build_config({"events": {"dataschema": url, "output_retention_s": 3600}}, {})
+    assert config.events.dataschema == url and config.events.output_retention_s == 3600.0
+    assert build_config({}, {}).events.dataschema is None
+    assert problems({"events": {"dataschema": "schemas/event.json"}}) == [
+        "events.dataschema: must be an absolute URI such as https://...,"
+        " got 'schemas/event.json'"
+    ]
+    assert problems({"events": {"dataschema": "https://x/a b"}}) != []
+    assert problems({"events": {"output_retention_s": 0}}) != []
+
+
 @pytest.mark.parametrize(
     ("mode", "says"),
     [

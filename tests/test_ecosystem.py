@@ -18,6 +18,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from cloudevents.core.bindings import kafka
 from cloudevents.v1 import kafka as v1_kafka
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from bridge.core.events import CONTENT_TYPE
+from bridge.core.events import CONTENT_TYPE, DEFAULT_DATASCHEMA
 from bridge.local.broker import Broker
 from bridge.local.simulator import Simulator
 from tests.helpers import (
@@ -127,6 +128,7 @@ def _parse(rec: Rec, mode: str) -> dict[str, Any]:
                 "type": attrs["type"],
                 "subject": attrs["subject"],
                 "datacontenttype": attrs["datacontenttype"],
+                "dataschema": attrs["dataschema"],
                 "data": event.get_data(),
             }
         )
@@ -138,6 +140,7 @@ def _parse(rec: Rec, mode: str) -> dict[str, Any]:
             "subject": legacy["subject"],
             # 1.x takes the record's content-type header for it, in both modes.
             "datacontenttype": "application/json",
+            "dataschema": legacy["dataschema"],
             "data": legacy.get_data(),
         }
     )
@@ -221,12 +224,14 @@ async def test_every_event_parses_with_the_cloudevents_sdk(
         else:
             ce = sorted(n for n in names_lower if n.startswith("ce_"))
             assert ce == sorted(
-                f"ce_{a}" for a in ("specversion", "id", "source", "type", "subject", "time")
+                f"ce_{a}"
+                for a in ("specversion", "id", "source", "type", "subject", "time", "dataschema")
             )
             assert rec.headers[-1] == ("content-type", b"application/json")
         parsed = _parse(rec, mode)
         assert rec.key is not None and parsed["subject"] == rec.key.decode()
         assert parsed["source"] == SOURCE and parsed["datacontenttype"] == "application/json"
+        assert parsed["dataschema"] == DEFAULT_DATASCHEMA  # read back by the SDK, both modes
         events[parsed["subject"]] = (rec, parsed)
     # Every outcome, with the status the API reported kept on failures.
     expected = {
@@ -251,6 +256,12 @@ async def test_every_event_parses_with_the_cloudevents_sdk(
         assert rec.topic == (names.completed if kind == "completed" else names.failed)
     assert events[ids["late"]][1]["data"]["error"].startswith("deadline of 1.5s passed")
     assert events[ids["json"]][1]["data"]["metadata"] == {"order": 42}
+    # The outputs' expiry: the API's created_at plus WaveSpeed's 7 days, on completed only.
+    done = events[ids["done"]][1]["data"]
+    created = datetime.fromisoformat(done["created_at"].replace("Z", "+00:00"))
+    expires = datetime.fromisoformat(done["expires_at"].replace("Z", "+00:00"))
+    assert expires - created == timedelta(days=7), done
+    assert events[ids["failed"]][1]["data"]["expires_at"] is None
     # Input headers: the binding's dropped, the rest carried as they came, null included.
     assert events[ids["done"]][0].headers[:2] == CARRIED
     assert events[ids["json"]][0].headers[0] == ("nothing", None)

@@ -10,9 +10,13 @@ import pytest
 from aiokafka import ConsumerRecord
 from cloudevents.core.bindings import kafka
 from cloudevents.v1 import kafka as v1_kafka
+from referencing import Registry, Resource
 
 from bridge.core.events import (
     CONTENT_TYPE,
+    DEFAULT_DATASCHEMA,
+    SCHEMA_ID,
+    SCHEMA_VERSION,
     OutputRecord,
     build_event,
     dead_letter_record,
@@ -123,6 +127,63 @@ def test_events_match_the_shipped_schema() -> None:
     assert not validator.is_valid(broken)
 
 
+def test_data_validates_against_the_schema_dataschema_names() -> None:
+    """dataschema names the schema of data alone (the $anchor), which binary mode's value
+    follows: resolved through the schema's own $id, it accepts data and rejects a broken one."""
+    schema = json.loads(SCHEMA.read_text())
+    uri, _, anchor = DEFAULT_DATASCHEMA.partition("#")
+    assert uri == schema["$id"] == SCHEMA_ID and anchor == "data"
+    assert schema["$defs"]["data"]["$anchor"] == anchor
+    registry = Registry().with_resource(SCHEMA_ID, Resource.from_contents(schema))
+    validator = jsonschema.Draft202012Validator({"$ref": DEFAULT_DATASCHEMA}, registry=registry)
+    for kind in ("completed", "failed", "timeout"):
+        e = _event(kind=kind)
+        assert e["dataschema"] == DEFAULT_DATASCHEMA
+        validator.validate(e["data"])
+    assert not validator.is_valid({**_event()["data"], "polls": -1})
+    assert _event(dataschema="https://registry.example/s/9")["dataschema"] == (
+        "https://registry.example/s/9"
+    )
+
+
+def test_expires_at_is_the_creation_plus_the_retention_on_completed_events_only() -> None:
+    week = _event()["data"]
+    assert week["created_at"] == "2024-01-01T12:00:00.000Z"
+    assert week["expires_at"] == "2024-01-08T12:00:00.000Z"  # WaveSpeed's 7 days, the default
+    assert _event(retention_s=3600.0)["data"]["expires_at"] == "2024-01-01T13:00:00.000Z"
+    # No creation time from the API: the bridge's estimate of it.
+    estimated = _event(prediction=Prediction(status="completed"), created_at=1704114000.0)
+    assert estimated["data"]["expires_at"] == "2024-01-08T13:00:00.000Z"
+    assert _event(prediction=None, created_at=None)["data"]["expires_at"] is None
+    for kind in ("failed", "timeout"):
+        assert _event(kind=kind)["data"]["expires_at"] is None
+
+
+# The event schema's shape (types, names, required, enums; not its prose) as of its version:
+# a change to the shape must change SCHEMA_VERSION (and with it $id and dataschema).
+SHAPES = {2: "59494fe9480a"}
+
+
+def _shape(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _shape(v) for k, v in sorted(node.items()) if k not in ("description", "$id")}
+    if isinstance(node, list):
+        return [_shape(v) for v in node]
+    return node
+
+
+def test_a_change_to_the_event_shape_changes_the_schema_version() -> None:
+    import hashlib
+
+    schema = json.loads(SCHEMA.read_text())
+    assert schema["$id"] == SCHEMA_ID and SCHEMA_ID.endswith(f"/v{SCHEMA_VERSION}.json")
+    digest = hashlib.sha256(json.dumps(_shape(schema), sort_keys=True).encode()).hexdigest()
+    assert digest[:12] == SHAPES.get(SCHEMA_VERSION), (
+        f"bridge/schemas/event.schema.json changed shape ({digest[:12]}): raise"
+        " bridge.core.events.SCHEMA_VERSION and record the new shape here"
+    )
+
+
 # --- the CloudEvents Kafka protocol binding ------------------------------------------------
 
 # What a producer upstream may have put on the task record: CloudEvents headers of its own
@@ -174,6 +235,7 @@ def test_binary_record_puts_attributes_in_headers_and_data_in_the_value() -> Non
         ("ce_type", b"ai.wavespeed.prediction.completed"),
         ("ce_subject", b"pred_1"),
         ("ce_time", b"2024-01-01T12:00:03.500Z"),
+        ("ce_dataschema", DEFAULT_DATASCHEMA.encode()),
         ("content-type", b"application/json"),
     ]
     assert rec.value is not None and json.loads(rec.value) == event["data"]

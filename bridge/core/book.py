@@ -443,6 +443,8 @@ class Core:
             input_key=task.key,
             origins=list(task.origins),
             trace=task.trace,
+            dataschema=cfg.events.dataschema or ev.DEFAULT_DATASCHEMA,
+            retention_s=cfg.events.output_retention_s,
         )
         topic, mode = self._topics[kind], cfg.events.mode
         ticket = next(self._tickets)

@@ -27,9 +27,15 @@ EventMode = Literal["structured", "binary"]
 TYPE_PREFIX = "ai.wavespeed.prediction."
 CONTENT_TYPE = b"application/cloudevents+json; charset=utf-8"
 DATA_CONTENT_TYPE = "application/json"
+# The event schema's version: part of its $id, so a subscriber (or a registry) can tell two
+# shapes apart. A change to the shape changes it (tests/test_events.py holds a fingerprint).
+SCHEMA_VERSION = 2
+SCHEMA_ID = f"https://wavespeed-bridge.github.io/schemas/prediction-event/v{SCHEMA_VERSION}.json"
+# The schema of ``data`` alone (its $anchor): what CloudEvents' dataschema identifies.
+DEFAULT_DATASCHEMA = SCHEMA_ID + "#data"
 # Context attributes written as ce_* headers in binary mode (datacontenttype is content-type).
-_BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
-_TRACE_ATTRIBUTES = ("traceparent", "tracestate")
+BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time", "dataschema")
+TRACE_ATTRIBUTES = ("traceparent", "tracestate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +100,22 @@ def build_event(
     origins: list[tuple[str, int, int]],
     event_id: str | None = None,
     trace: Trace | None = None,
+    dataschema: str = DEFAULT_DATASCHEMA,
+    retention_s: float = 7 * 86_400.0,
 ) -> dict[str, Any]:
-    """The CloudEvent for a task that reached ``kind``; ``*_at`` are unix seconds."""
+    """The CloudEvent for a task that reached ``kind``; ``*_at`` are unix seconds.
+
+    ``retention_s``: how long after its creation WaveSpeed keeps a prediction's outputs; a
+    completed event says when they go (``expires_at``), from the API's ``created_at`` or,
+    without one, the bridge's estimate of it.
+    """
     p = prediction or Prediction()
     # A failure keeps the status the API reported (cancelled, timeout, deleted, failed).
     status = p.status if kind == "failed" and p.status in FAILED_STATUSES else kind
+    created = p.created_at if p.created_at is not None else created_at
+    expires = None
+    if kind == "completed" and created is not None:
+        expires = _rfc3339_or_none(created + retention_s)
     data: dict[str, Any] = {
         "task_id": task_id,
         "model": p.model or model,
@@ -109,6 +126,7 @@ def build_event(
         "has_nsfw_contents": p.has_nsfw_contents,
         "created_at": p.created_at_raw or _rfc3339_or_none(created_at),
         "observed_at": rfc3339(observed_at),
+        "expires_at": expires,
         "polls": polls,
         "metadata": metadata,
         "input": {
@@ -125,6 +143,7 @@ def build_event(
         "subject": task_id,
         "time": rfc3339(observed_at),
         "datacontenttype": DATA_CONTENT_TYPE,
+        "dataschema": dataschema,
     }
     if trace is not None:  # the distributed-tracing extension: the trace the task started
         event["traceparent"] = tracecontext.traceparent(trace)
@@ -199,9 +218,9 @@ def event_record(
     carried: list[tuple[str, bytes | None]] = [(k, v) for k, v in headers if not _binding_header(k)]
     key = event["subject"].encode("utf-8")
     if mode == "binary":
-        for name in _BINARY_ATTRIBUTES:
+        for name in BINARY_ATTRIBUTES:
             carried.append((f"ce_{name}", str(event[name]).encode("utf-8")))
-        for name in _TRACE_ATTRIBUTES:
+        for name in TRACE_ATTRIBUTES:
             if name in event:
                 carried.append((f"ce_{name}", event[name].encode("ascii")))
         carried.append(("content-type", event["datacontenttype"].encode("utf-8")))
