@@ -495,24 +495,37 @@ class Core:
         the webhook topic, caught up), else ``why`` not. Polls wait for deliveries only while
         it is: when it stops, every task whose next poll the policy set is put back on the
         wrapped policy's schedule at once (a deferred one polls now if its normal poll has
-        passed); tasks waiting out a backoff or a delivery's confirming poll keep their time."""
+        passed); tasks waiting out a backoff or a delivery's confirming poll keep their time.
+        When it is live again (caught up: every delivery sent meanwhile has been read), those
+        tasks wait for their deliveries again: a feed that starts behind (a restart reads
+        the last ``pending_ttl_s`` of the topic) costs no polls once it has caught up."""
         hooks = self._webhooks
         if hooks is None:
             return []
         was, hooks.live = hooks.live, live
+        if was == live:
+            return [facts.WebhookFeed(live, why, 0)]
+        due = set(self.scheduler.waiting())  # due already: polled on the old schedule
         moved = 0
-        if was and not live:
-            due = set(self.scheduler.waiting())  # due already: nothing to bring forward
-            for task in self._active.values():
-                if (
-                    task.state is State.POLLING
-                    and task.task_id in self.scheduler
-                    and task.task_id not in due
-                    and task.failures == 0
-                    and task.delivered_wall is None
-                ):
+        for task in self._active.values():
+            if (
+                task.state is State.POLLING
+                and task.task_id in self.scheduler
+                and task.task_id not in due
+                and task.failures == 0
+                and task.delivered_wall is None
+            ):
+                if live:
+                    last = task.last_poll
+                    at = (
+                        self.policy.first_poll(task, now)
+                        if last is None
+                        else self.policy.next_poll(task, last)
+                    )
+                    self.scheduler.schedule(task.task_id, max(now, at))
+                else:
                     self.scheduler.schedule(task.task_id, hooks.base_poll(task, now))
-                    moved += 1
+                moved += 1
         return [facts.WebhookFeed(live, why, moved)]
 
     def _pending_delivery(self, task: Task, at: Instant) -> list[Effect]:

@@ -191,7 +191,7 @@ class WebhookFeed:
     """This replica's webhook feed became live (reads every partition of the webhook topic,
     caught up) or stopped being so (``why``). While it is not, polls are not deferred:
     ``rescheduled`` tasks whose poll waited for a delivery were moved to the wrapped
-    policy's schedule."""
+    policy's schedule; on becoming live, ``rescheduled`` tasks wait for deliveries again."""
 
     live: bool
     why: str

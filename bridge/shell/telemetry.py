@@ -198,7 +198,7 @@ class Telemetry:
     def _webhook_feed(self, f: facts.WebhookFeed) -> None:
         self.metrics.webhook_feed_live.set(1 if f.live else 0)
         if f.live:
-            log.info("webhook feed live: polls wait for deliveries")
+            log.info("webhook feed live: polls wait for deliveries", rescheduled=f.rescheduled)
         else:  # deliveries may be missed: every task is polled as without webhooks
             log.warning(
                 "webhook feed not live: polls follow the schedule",
