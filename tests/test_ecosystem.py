@@ -258,9 +258,9 @@ async def test_every_event_parses_with_the_cloudevents_sdk(
     assert events[ids["json"]][1]["data"]["metadata"] == {"order": 42}
     # The outputs' expiry: the API's created_at plus WaveSpeed's 7 days, on completed only.
     done = events[ids["done"]][1]["data"]
-    created = datetime.fromisoformat(done["created_at"].replace("Z", "+00:00"))
-    expires = datetime.fromisoformat(done["expires_at"].replace("Z", "+00:00"))
-    assert expires - created == timedelta(days=7), done
+    born = datetime.fromisoformat(done["created_at"].replace("Z", "+00:00"))
+    gone = datetime.fromisoformat(done["expires_at"].replace("Z", "+00:00"))
+    assert gone - born == timedelta(days=7), done
     assert events[ids["failed"]][1]["data"]["expires_at"] is None
     # Input headers: the binding's dropped, the rest carried as they came, null included.
     assert events[ids["done"]][0].headers[:2] == CARRIED
