@@ -168,8 +168,7 @@ def test_dataschema_is_an_absolute_uri_and_retention_positive() -> None:
     assert config.events.dataschema == url and config.events.output_retention_s == 3600.0
     assert build_config({}, {}).events.dataschema is None
     assert problems({"events": {"dataschema": "schemas/event.json"}}) == [
-        "events.dataschema: must be an absolute URI such as https://...,"
-        " got 'schemas/event.json'"
+        "events.dataschema: must be an absolute URI such as https://..., got 'schemas/event.json'"
     ]
     assert problems({"events": {"dataschema": "https://x/a b"}}) != []
     assert problems({"events": {"output_retention_s": 0}}) != []
