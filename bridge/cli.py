@@ -1,4 +1,5 @@
-"""Command line: ``wavespeed-bridge run | check-config | simulate-api | demo``."""
+"""Command line: ``wavespeed-bridge run | check-config | asyncapi | dead-letters |
+simulate-api | demo``."""
 
 from __future__ import annotations
 
@@ -86,6 +87,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bridge.core.asyncapi import Format, document, render
+
+    config = _load(args.config)
+    fmt: Format = args.format or ("json" if (args.output or "").endswith(".json") else "yaml")
+    text = render(document(config), fmt)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"wavespeed-bridge: {args.output}: cannot write ({exc.strerror})", file=sys.stderr)
+        return 1
+    return 0
+
+
 LOCAL_STACK_MISSING = (
     "wavespeed-bridge: the local stack (simulator, brokers, demo) is not installed: it ships"
     " with the source checkout only, not the wheel or the image. From a clone:"
@@ -143,6 +163,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _dead_letter_options(parser: argparse.ArgumentParser) -> None:
+    from bridge.core.messages import DEAD_LETTER_REASONS
+
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("BRIDGE_CONFIG"),
+        help="the bridge's YAML config: Kafka connection, security, dead-letter topic, group",
+    )
+    parser.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        metavar="R",
+        help=f"dlq.reason to select (repeatable): {', '.join(DEAD_LETTER_REASONS)}",
+    )
+    parser.add_argument(
+        "--since", help="dead-lettered at or after: RFC 3339 or a duration ago (30m, 2h, 7d)"
+    )
+    parser.add_argument("--until", help="dead-lettered before: RFC 3339 or a duration ago")
+    parser.add_argument(
+        "--offsets",
+        action="append",
+        default=[],
+        metavar="P:FROM-TO",
+        help="dead-letter partition and offsets, inclusive (repeatable; P:FROM- to the end)",
+    )
+    parser.add_argument(
+        "--source-topic",
+        action="append",
+        default=[],
+        metavar="TOPIC",
+        help="the input topic the records came from (dlq.topic; repeatable)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    import time
+
+    from bridge.core import dead_letters as dl
+
+    try:
+        sel = dl.selection(
+            reasons=args.reason,
+            since=args.since,
+            until=args.until,
+            offsets=args.offsets,
+            source_topics=args.source_topic,
+            include_replayed=getattr(args, "include_replayed", False),
+            to_topic=getattr(args, "to", None),
+            now=time.time(),
+        )
+    except dl.SelectorError as exc:
+        print(f"wavespeed-bridge dead-letters: {exc}", file=sys.stderr)
+        return 2
+    config = _load(args.config)
+    try:
+        from bridge.config import read_sasl_password
+
+        read_sasl_password(config.kafka)
+    except ConfigError as exc:
+        print(f"wavespeed-bridge: {exc}", file=sys.stderr)
+        return 2
+    from bridge.shell import dead_letters
+
+    options = dead_letters.Options(
+        action=args.action,
+        json=args.json,
+        bucket=getattr(args, "by", "hour"),
+        group=getattr(args, "group", None),
+        dry_run=getattr(args, "dry_run", False),
+    )
+    return asyncio.run(dead_letters.command(config, sel, options))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wavespeed-bridge",
@@ -163,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file without connecting")
     check.add_argument("config")
     check.set_defaults(func=cmd_check_config)
+
+    contract = sub.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the deployment a config describes"
+    )
+    contract.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("BRIDGE_CONFIG"),
+        help="YAML config file (default: $BRIDGE_CONFIG; BRIDGE_* env overrides)",
+    )
+    contract.add_argument(
+        "--format", choices=("yaml", "json"), help="default: json for an --output *.json, else yaml"
+    )
+    contract.add_argument("--output", "-o", metavar="PATH", help="write here, not to stdout")
+    contract.set_defaults(func=cmd_asyncapi)
 
     sim = sub.add_parser("simulate-api", help="serve the WaveSpeed API simulator")
     sim.add_argument("--host", default="127.0.0.1")
@@ -196,6 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the stack up after the last event (Ctrl-C to stop)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    dead = sub.add_parser(
+        "dead-letters", help="count the dead-letter topic, or replay dead letters exactly once"
+    )
+    actions = dead.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="counts by reason, topic, partition and time")
+    _dead_letter_options(listing)
+    listing.add_argument("--by", choices=("hour", "day"), default="hour", help="time bucket")
+    again = actions.add_parser(
+        "replay", help="write selected dead letters back to their topics, exactly once"
+    )
+    _dead_letter_options(again)
+    again.add_argument("--dry-run", action="store_true", help="read and count; write nothing")
+    again.add_argument(
+        "--group", help="the replay's consumer group (default: <group_id>.dead-letters.<hash>)"
+    )
+    again.add_argument("--to", metavar="TOPIC", help="replay to TOPIC, not each record's own")
+    again.add_argument(
+        "--include-replayed",
+        action="store_true",
+        help="also replay records that were replayed before and dead-lettered again",
+    )
+    for parser_ in (listing, again):
+        parser_.set_defaults(func=cmd_dead_letters)
     return parser
 
 

@@ -21,8 +21,21 @@ from urllib.parse import quote
 
 MAX_TASK_ID_LENGTH = 128
 # Conservative on purpose: no '/', '?', '#', '%', '.' or spaces can reach a URL path.
-_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_MAX_MODEL_LENGTH = 200
+TASK_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+MAX_MODEL_LENGTH = 200
+# Every Rejected.reason a dead letter can carry (its dlq.reason header): the parser's, and
+# "undecodable" for a record the Kafka client could not decode (book.Core.on_undecodable).
+DEAD_LETTER_REASONS = (
+    "empty",
+    "oversize",
+    "not_utf8",
+    "invalid_id",
+    "invalid_json",
+    "missing_id",
+    "invalid_field",
+    "undecodable",
+)
 
 
 # Kafka header values may be null (librdkafka and aiokafka keep None); carried as they came.
@@ -204,11 +217,11 @@ def _parse_json(
         return problem
     model = obj.get("model")
     if model is not None and (
-        not isinstance(model, str) or len(model) > _MAX_MODEL_LENGTH or safe_text(model) != model
+        not isinstance(model, str) or len(model) > MAX_MODEL_LENGTH or safe_text(model) != model
     ):
         return Rejected(
             "invalid_field",
-            f"'model' must be a string of at most {_MAX_MODEL_LENGTH} characters"
+            f"'model' must be a string of at most {MAX_MODEL_LENGTH} characters"
             " (no lone surrogates)",
         )
     raw_timeout = obj.get("timeout_s")

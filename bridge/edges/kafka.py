@@ -82,11 +82,12 @@ def make_consumer(config: KafkaConfig) -> AIOKafkaConsumer:
     )
 
 
-def make_reader(config: KafkaConfig) -> AIOKafkaConsumer:
-    """A consumer outside any group, for a topic every replica reads whole (webhooks)."""
+def make_reader(config: KafkaConfig, group_id: str | None = None) -> AIOKafkaConsumer:
+    """A consumer that assigns its partitions itself, for a topic every replica reads whole
+    (webhooks); with ``group_id`` it reads that group's offsets (never joining it)."""
     return AIOKafkaConsumer(
         **client_options(config),
-        group_id=None,
+        group_id=group_id,
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
@@ -155,6 +156,14 @@ async def committed_offsets(
     # aiokafka's public committed() asks once per partition and drops the metadata.
     fetched = await consumer._coordinator.fetch_committed_offsets(partitions)
     return {tp: (meta.offset, meta.metadata or "") for tp, meta in fetched.items()}
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int] | None:
+    """The partitions of ``topic`` from fresh metadata; None when the topic does not exist."""
+    # The consumer's own view holds only topics it was given; this asks for every topic.
+    metadata = await consumer._client.fetch_all_metadata()
+    found: set[int] | None = metadata.partitions_for_topic(topic)
+    return found
 
 
 def undecodable(exc: BaseException) -> bool:

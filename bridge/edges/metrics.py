@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+# Defined beside the parser (the AsyncAPI document names them too); exported here as before.
+from bridge.core.messages import DEAD_LETTER_REASONS as DEAD_LETTER_REASONS
 from bridge.core.outcomes import ErrorKind
 
 PREFIX = "wavespeed_bridge"
@@ -23,16 +25,6 @@ _DELAY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
 API_ERROR_KINDS = tuple(kind.value for kind in ErrorKind)  # set where outcomes are built
 PAUSE_REASONS = ("rate_limited", "auth", "retry_after")
 KAFKA_ERROR_KINDS = ("auth", "tls", "network", "broker")
-DEAD_LETTER_REASONS = (
-    "empty",
-    "oversize",
-    "not_utf8",
-    "invalid_id",
-    "invalid_json",
-    "missing_id",
-    "invalid_field",
-    "undecodable",
-)
 
 # webhook_deliveries_total{result}: every request to the webhook receiver ends in one.
 # unknown_task is counted by the webhook topic's reader, the rest by the receiver.
