@@ -7,6 +7,7 @@ without InitProducerId, such as Tansu); everything else is plain Kafka protocol.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -91,6 +92,24 @@ def make_reader(config: KafkaConfig, group_id: str | None = None) -> AIOKafkaCon
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
+
+
+async def seek_to_beginning(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]) -> None:
+    """Each partition's first offset, set by ``seek``. aiokafka's own ``seek_to_beginning``
+    just after ``assign`` can lose to the reset the assignment started (to the latest
+    offset, the reader's default): that reset's answer, arriving late, is applied to the
+    partition still awaiting a reset, and the reader starts at the end. A ``seek`` cancels
+    any reset in flight."""
+    if tps:
+        for tp, offset in (await consumer.beginning_offsets(list(tps))).items():
+            consumer.seek(tp, offset)
+
+
+async def seek_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]) -> None:
+    """Each partition's end offset, by ``seek`` (see :func:`seek_to_beginning`)."""
+    if tps:
+        for tp, offset in (await consumer.end_offsets(list(tps))).items():
+            consumer.seek(tp, offset)
 
 
 def make_producer(config: KafkaConfig, transactional_id: str | None = None) -> AIOKafkaProducer:

@@ -27,6 +27,7 @@ from bridge.core import budget as shared
 from bridge.core import facts, learning
 from bridge.core.book import Core
 from bridge.core.clock import Clock
+from bridge.edges import kafka as kafka_io
 from bridge.edges.metrics import Metrics
 from bridge.shell.bounded import bounded
 from bridge.shell.delivery import Effects
@@ -135,7 +136,7 @@ class Cluster:
         self._reader.assign(sorted({*self._reader.assignment(), *new}))
         for tp in new:
             if tp.topic == self._state:
-                await self._reader.seek_to_beginning(tp)
+                await kafka_io.seek_to_beginning(self._reader, [tp])
             else:  # reports of the last few intervals: who is there now
                 since = int((self._clock.time() - self._expiry_s()) * 1000)
                 found = await self._reader.offsets_for_times({tp: since})
@@ -143,7 +144,7 @@ class Cluster:
                 if at is not None:
                     self._reader.seek(tp, at.offset)
                 else:
-                    await self._reader.seek_to_end(tp)
+                    await kafka_io.seek_to_end(self._reader, [tp])
 
     def _expiry_s(self) -> float:
         return shared.EXPIRY_REPORTS * self._interval

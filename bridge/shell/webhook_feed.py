@@ -44,6 +44,7 @@ from bridge.core.webhook_signature import (
     BadDelivery,
     parse_delivery,
 )
+from bridge.edges import kafka as kafka_io
 from bridge.shell.delivery import Effects
 
 log = structlog.get_logger("wavespeed_bridge.webhooks")
@@ -182,8 +183,7 @@ class WebhookFeed:
             consumer.seek(tp, offset)
         new = self._tps(added)
         if from_start:
-            if not await consumer.seek_to_beginning(*new):
-                raise TimeoutError("seek to the beginning")
+            await kafka_io.seek_to_beginning(consumer, new)
         else:
             # The end offsets before the lookup by time: where a partition with nothing from
             # the last pending_ttl_s starts, without skipping a record that comes meanwhile.
