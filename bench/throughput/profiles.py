@@ -79,12 +79,47 @@ def _group(frame: str) -> str:
     return "other: " + path.rsplit("/", 1)[-1]
 
 
+# A task's stages (issue 22), by the module of the deepest bridge frame on the stack: the
+# library work below it is done for that stage. Checked in order; first match wins.
+STAGES = (
+    ("telemetry", ("shell/telemetry.py", "edges/metrics.py", "edges/logs.py", "edges/tracing.py")),
+    ("core", ("bridge/core/",)),
+    ("HTTP", ("edges/api.py", "shell/dispatch.py")),
+    ("publish", ("shell/at_least_once.py", "shell/exactly_once.py", "shell/delivery.py")),
+    ("commit", ("shell/commits.py",)),
+    ("intake", ("shell/intake.py", "shell/rebalance.py", "edges/kafka.py")),
+)
+# Samples with no bridge frame: the clients' own tasks and callbacks, and the loop itself.
+_OUTSIDE = {
+    "aiokafka": "Kafka client's own tasks (fetch, send)",
+    "aiohttp": "HTTP",
+    "asyncio event loop": "event loop",
+}
+
+
+_ENTRY = ("bridge/__main__.py", "bridge/cli.py")  # below them: the event loop, every task
+
+
+def stage(frames: list[str]) -> str:
+    """The stage a sample's CPU is spent for (see :data:`STAGES`)."""
+    for frame in reversed(frames):
+        path = _frame_file(frame)
+        if "bridge/" not in path or path.endswith(_ENTRY):
+            continue
+        for name, needles in STAGES:
+            if any(n in path for n in needles):
+                return name
+        return "other bridge loops"
+    return _OUTSIDE.get(_group(frames[-1]), "other")
+
+
 def summarize(raw: str, top: int = 20) -> dict[str, Any]:
     """Own and total time per function, and own time per library, from py-spy's raw output."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     groups: Counter[str] = Counter()
     called: Counter[str] = Counter()  # where the bridge's own calls go, inclusive
+    stages: Counter[str] = Counter()
     samples = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -98,6 +133,7 @@ def summarize(raw: str, top: int = 20) -> dict[str, Any]:
         leaf = frames[-1]
         own[_frame_func(leaf)] += count
         groups[_group(leaf)] += count
+        stages[stage(frames)] += count
         for func in {_frame_func(f) for f in frames}:
             total[func] += count
         # Inclusive cost of what bridge code calls: the first frame below the deepest
@@ -139,4 +175,5 @@ def summarize(raw: str, top: int = 20) -> dict[str, Any]:
         "total": totals[:top],
         "groups": pct(groups, 15),
         "called": pct(called, top),
+        "stages": pct(stages, 20),
     }

@@ -416,6 +416,18 @@ def _profile_md(prof: dict[str, Any], label: str) -> str:
         "|---|---|",
     ]
     out += [f"| {k} | {v:.1%} |" for k, v in prof["groups"][:12]]
+    if prof.get("stages"):  # profiles recorded before the stage breakdown have none
+        per_task = prof.get("cpu_us_per_task")
+        out += [
+            "",
+            "| stage (deepest bridge frame's module; library work below it included)"
+            " | share | CPU µs per task |",
+            "|---|---|---|",
+        ]
+        out += [
+            f"| {k} | {v:.1%} | {'' if per_task is None else f'{v * per_task:,.0f}'} |"
+            for k, v in prof["stages"]
+        ]
     out += [
         "",
         "| what the bridge's code calls (inclusive: deepest bridge frame → library) | share |",

@@ -110,7 +110,12 @@ async def sustained(
                 result["broker_rss_mb"] = broker.rss_mb()
                 if profile:
                     raw = stack.workdir / f"profile-sustained-{name}.txt"
-                    result["profile"] = await profiles.record(bridge.pid, raw, s.profile_seconds)
+                    prof = await profiles.record(bridge.pid, raw, s.profile_seconds)
+                    if "error" not in prof and result["tasks_per_s"] > 0:
+                        # The window's CPU per task, split by the profile's stage shares.
+                        cpu = result["cpu"]["bridge"]
+                        prof["cpu_us_per_task"] = 1e6 * cpu / result["tasks_per_s"]
+                    result["profile"] = prof
         finally:
             await bridge.stop()
     result["log_publish_retries"] = count_log_events(bridge.log_path, "publish failed, retrying")
