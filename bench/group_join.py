@@ -45,7 +45,7 @@ import httpx
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.procs import Scrape
+from bench.procs import Scrape, kafka_section
 from bridge.local.apache_kafka import start_cluster
 from bridge.local.broker import free_port
 from bridge.local.simulator import Simulator
@@ -85,14 +85,7 @@ def busy(n: int) -> Iterator[None]:
 
 def daemon_config(bootstrap: str, sim_url: str, tag: str) -> dict[str, Any]:
     return {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "group_id": f"group-{tag}",
-            "input_topic": f"in-{tag}",
-            "completed_topic": f"done-{tag}",
-            "failed_topic": f"failed-{tag}",
-            "dead_letter_topic": f"dlq-{tag}",
-        },
+        "kafka": kafka_section(bootstrap, tag),
         "api": {"base_url": sim_url},
         "polling": {"policy": "adaptive", "default_timeout_s": 120},
         "server": {"host": "127.0.0.1", "port": free_port()},

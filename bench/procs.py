@@ -12,6 +12,18 @@ from prometheus_client.parser import text_string_to_metric_families
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def kafka_section(bootstrap: str, tag: str) -> dict[str, str]:
+    """The ``kafka`` config of a benchmark's daemon: its group and topics named by ``tag``."""
+    return {
+        "bootstrap_servers": bootstrap,
+        "group_id": f"group-{tag}",
+        "input_topic": f"in-{tag}",
+        "completed_topic": f"done-{tag}",
+        "failed_topic": f"failed-{tag}",
+        "dead_letter_topic": f"dlq-{tag}",
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads included."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:

@@ -37,7 +37,7 @@ import httpx
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from bench.procs import Scrape, rss_bytes
+from bench.procs import Scrape, kafka_section, rss_bytes
 from bridge.local.apache_kafka import KafkaCluster, start_cluster
 from bridge.local.broker import free_port
 from bridge.local.simulator import Simulator
@@ -53,14 +53,7 @@ QUIET_S = 60.0
 
 def config(bootstrap: str, sim_url: str, tag: str, max_in_flight: int) -> dict[str, Any]:
     return {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "group_id": f"group-{tag}",
-            "input_topic": f"in-{tag}",
-            "completed_topic": f"done-{tag}",
-            "failed_topic": f"failed-{tag}",
-            "dead_letter_topic": f"dlq-{tag}",
-        },
+        "kafka": kafka_section(bootstrap, tag),
         "api": {"base_url": sim_url, "requests_per_second": BUDGET, "budget_scope": "replica"},
         "polling": {
             "policy": "fixed",

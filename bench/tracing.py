@@ -30,7 +30,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from bench.procs import cpu_seconds, rss_bytes
+from bench.procs import cpu_seconds, kafka_section, rss_bytes
 from bench.tenants import scrape, sim_tasks, spawn
 from bridge.local.apache_kafka import KafkaCluster, start_cluster
 from bridge.local.broker import free_port
@@ -50,14 +50,7 @@ SETTINGS: dict[str, dict[str, str] | None] = {
 
 def config(bootstrap: str, sim_url: str, tag: str, tracing: bool, **polling: Any) -> dict[str, Any]:
     return {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "group_id": f"group-{tag}",
-            "input_topic": f"in-{tag}",
-            "completed_topic": f"done-{tag}",
-            "failed_topic": f"failed-{tag}",
-            "dead_letter_topic": f"dlq-{tag}",
-        },
+        "kafka": kafka_section(bootstrap, tag),
         "api": {"base_url": sim_url, "budget_scope": "replica", "max_concurrent_requests": 256},
         "polling": {"policy": "fixed", "jitter": 0.1, "default_timeout_s": 7200, **polling},
         "cluster": {"coordination_topic": None, "state_topic": None},

@@ -113,8 +113,8 @@ def _where(m: Raw) -> str:
     return dl.replayed_from(m.topic, m.partition, m.offset)
 
 
-async def _run(path: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+async def _spawn(path: Path, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bridge",
@@ -125,6 +125,10 @@ async def _run(path: Path, *args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def _run(path: Path, *args: str) -> tuple[int, str, str]:
+    proc = await _spawn(path, *args)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -199,17 +203,7 @@ async def test_replay_killed_and_run_again_sends_each_selected_record_once(
     # Up to two thirds: the rest (over 200 records) leaves the watcher time to kill.
     threshold = random.Random(seed).randint(1, len(expected) * 2 // 3)
     argv = ["replay", "--reason", SELECTED[0], "--reason", SELECTED[1], "--json"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        "dead-letters",
-        *argv,
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await _spawn(path, *argv)
     seen = await _watch(broker.bootstrap, names.input, threshold, proc)
     proc.kill()
     await proc.wait()
