@@ -67,7 +67,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from bridge.core import jsoncodec
     from bridge.core.webhook_signature import secret_forms
+
+    # The JSON codec: orjson when installed; WAVESPEED_BRIDGE_JSON=stdlib forces the
+    # standard library (how the benchmark shows what orjson buys).
+    if os.environ.get("WAVESPEED_BRIDGE_JSON") == "stdlib":
+        jsoncodec.use("stdlib")
 
     logs.configure(
         fmt=config.logging.format,

@@ -350,6 +350,29 @@ async def test_the_total_limit_or_the_callers_ends_a_slow_answer() -> None:
     assert out.reason == "timeout (no complete response within 0.02s)"
 
 
+async def test_a_cancel_from_outside_is_passed_on_not_taken_for_the_limit() -> None:
+    started = asyncio.Event()
+
+    async def slow(path: str) -> MockResponse:
+        started.set()
+        await asyncio.sleep(10)
+        raise AssertionError("not reached")
+
+    client = ApiClient(MockTransport(slow), total_timeout_s=5.0)
+    fetching = asyncio.create_task(client.fetch("pred_1", NOW))
+    await started.wait()
+    fetching.cancel()  # the shutdown's cancel: never an outcome
+    with pytest.raises(asyncio.CancelledError):
+        await fetching
+    # The limit passing is an outcome, not a cancel.
+    started.clear()
+    fetching = asyncio.create_task(client.fetch("pred_1", NOW, limit_s=0.01))
+    await started.wait()
+    await asyncio.sleep(0.2)  # the limit has passed and the check has run
+    assert fetching.done() and (await fetching).error is ErrorKind.TIMEOUT
+    await client.aclose()
+
+
 def _telemetry() -> Telemetry:
     config = build_config({"kafka": {"input_topic": "in"}}, env={})
     core = Core(config, policy=FixedInterval(1.0, jitter=0.0), rng=random.Random(1), now=0.0)

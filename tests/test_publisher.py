@@ -39,12 +39,10 @@ def record(value: bytes) -> OutputRecord:
 
 async def run(producer: ScriptedProducer, items: list[tuple[bytes, bytes | None]]) -> list[str]:
     errors: list[str] = []
-    pending: list[int] = []
     publisher = Publisher(
         producer,
         retry_delay=lambda attempt: 0.001 * attempt,
         on_error=lambda: errors.append("e"),
-        on_pending=pending.append,
     )
     loop = asyncio.create_task(publisher.run())
     acked: list[str] = []
@@ -56,14 +54,13 @@ async def run(producer: ScriptedProducer, items: list[tuple[bytes, bytes | None]
         return None if value is None else lambda: record(value)
 
     try:
-        futures = [
+        for value, reduced in items:
             publisher.publish(record(value), on_ack(value), shrink(reduced))
-            for value, reduced in items
-        ]
-        await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert publisher.pending == len(items)
+        await asyncio.wait_for(publisher.settled(), 5)
     finally:
         loop.cancel()
-    assert publisher.pending == 0 and pending[-1] == 0
+    assert publisher.pending == 0
     return [*acked, f"errors={len(errors)}"]
 
 
@@ -88,3 +85,36 @@ async def test_a_record_that_can_never_be_sent_is_given_up_not_retried_forever()
     acked = await run(producer, [(b"x", b"x")])
     assert producer.acked == []
     assert acked == ["x", "errors=2"]  # settled, so the partition's offsets move on
+
+
+class HeldProducer:
+    """Acknowledges a record only when the test says so."""
+
+    def __init__(self) -> None:
+        self.futures: dict[bytes, asyncio.Future[None]] = {}
+
+    async def send(self, topic: str, *, value: bytes | None, key: Any, headers: Any) -> Any:
+        future = self.futures[value or b""] = asyncio.get_running_loop().create_future()
+        return future
+
+
+async def test_settled_waits_for_the_records_published_before_it_not_after() -> None:
+    producer = HeldProducer()
+    publisher = Publisher(producer, retry_delay=lambda attempt: 0.001)
+    loop = asyncio.create_task(publisher.run())
+    acked: list[str] = []
+    try:
+        publisher.publish(record(b"a"), lambda: acked.append("a"))
+        publisher.publish(record(b"b"), lambda: acked.append("b"))
+        waiting = asyncio.create_task(publisher.settled())
+        publisher.publish(record(b"c"), lambda: acked.append("c"))  # after: not waited for
+        while len(producer.futures) < 3:
+            await asyncio.sleep(0)
+        producer.futures[b"b"].set_result(None)
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and acked == ["b"]  # "a" is still out
+        producer.futures[b"a"].set_result(None)
+        await asyncio.wait_for(waiting, 5)
+        assert acked == ["b", "a"] and publisher.pending == 1  # "c" is still out
+    finally:
+        loop.cancel()

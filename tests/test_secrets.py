@@ -256,6 +256,7 @@ def test_uncaught_exceptions_and_library_tracebacks_are_scrubbed(restore_logging
         sys.excepthook(type(exc), exc, exc.__traceback__)  # what Python does on a crash
         logging.getLogger("aiokafka").error("connect failed for %s", secret, exc_info=exc)
         structlog.get_logger("t").warning("oops", password=secret, exc_info=exc)
+    logs.flush()  # lines are written in batches
     out = stream.getvalue()
     assert "uncaught exception" in out and "connect failed for" in out and "oops" in out
     assert out.count("Traceback (most recent call last)") == 3

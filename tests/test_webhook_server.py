@@ -395,6 +395,7 @@ async def test_logs_carry_ids_and_results_never_the_secret_or_a_signature(
     signatures.append(headers["webhook-signature"].split(",")[1])
     await post(receiver.url, body, headers)
     await post(receiver.url, body, headers)
+    logs.flush()  # lines are written in batches
     text = stream.getvalue()
     lines = [json.loads(line) for line in text.splitlines()]
     accepted = [ln for ln in lines if ln.get("result") == "accepted"]
@@ -416,6 +417,7 @@ async def test_refusals_are_logged_at_most_once_per_result_per_interval(
     for _ in range(50):
         body, headers = _forged()
         await post(receiver.url, body, headers)
+    logs.flush()
     refused = [ln for ln in stream.getvalue().splitlines() if "bad_signature" in ln]
     assert len(refused) == 1
     assert receiver.count("bad_signature") == 50

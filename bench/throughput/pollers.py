@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,18 @@ from bridge.local.broker import free_port
 class BridgeProc:
     """``taskset -c 0 python -m bridge run --config X.yaml``."""
 
-    def __init__(self, workdir: Path, name: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        config: dict[str, Any],
+        *,
+        cwd: Path = ROOT,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``cwd``: where ``python -m bridge`` runs (another checkout there, with
+        ``PYTHONPATH`` in ``env``, runs that checkout's bridge); ``env``: added to this
+        process's environment."""
         self.name = name
         self.port = int(config["server"]["port"])
         self.config_path = workdir / f"{name}.yaml"
@@ -44,10 +56,10 @@ class BridgeProc:
                 "--config",
                 str(self.config_path),
             ],
-            cwd=ROOT,
+            cwd=cwd,
             stdout=log,
             stderr=log,
-            env={**os.environ, "WAVESPEED_API_KEY": API_KEY},
+            env={**os.environ, "WAVESPEED_API_KEY": API_KEY, **(env or {})},
             start_new_session=True,
         )
         log.close()

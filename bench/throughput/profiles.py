@@ -113,6 +113,15 @@ def stage(frames: list[str]) -> str:
     return _OUTSIDE.get(_group(frames[-1]), "other")
 
 
+# A helper thread waiting with a timeout (the log flusher, the span exporter) is sampled as
+# if running: py-spy cannot tell a timed wait from work. Not CPU, so not counted.
+_IDLE_LEAVES = ("Condition.wait (threading.py", "Event.wait (threading.py")
+
+
+def _idle(leaf: str) -> bool:
+    return leaf.startswith(_IDLE_LEAVES)
+
+
 def summarize(raw: str, top: int = 20) -> dict[str, Any]:
     """Own and total time per function, and own time per library, from py-spy's raw output."""
     own: Counter[str] = Counter()
@@ -127,7 +136,7 @@ def summarize(raw: str, top: int = 20) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
-        if not frames:
+        if not frames or _idle(frames[-1]):
             continue
         samples += count
         leaf = frames[-1]

@@ -44,6 +44,9 @@ Partition = tuple[str, int]
 SHARED_BURST_S = 0.2
 # How often polls waiting for a slot, the budget or a pause are checked for passed deadlines.
 SWEEP_INTERVAL_S = 0.25
+SWEEP_CHECKS_PER_S = 4_000  # a backlog of 20,000 polls: walked every 5 s
+# Model names shared by the tasks of each (past this many, names are no longer shared).
+MAX_SHARED_NAMES = 4096
 
 
 @dataclass(slots=True)
@@ -112,6 +115,7 @@ class Core:
         self._active_weight = 0.0  # the weights of tenants with tasks in flight or held
         self._partitions: Partitions[Partition] = Partitions(config.kafka.offset_metadata_max_bytes)
         self._active: dict[str, Task] = {}  # polling or parked, by task id
+        self._names: dict[str, str] = {}  # model names, shared by their tasks
         self._unacked: dict[int, _EventOut | _DeadLetterOut] = {}  # by ticket
         self._states: collections.Counter[State] = collections.Counter()  # tasks per state
         self._tickets = itertools.count()
@@ -201,7 +205,7 @@ class Core:
         known = self._active.get(parsed.task_id)
         if known is not None and known.state is State.PARKED:
             # Back after a rebalance: keep its poll history.
-            known.origins = [origin]
+            known.origins = (origin,)
             self._move(known, State.POLLING)
             resume = (
                 self.policy.first_poll(known, now)
@@ -212,7 +216,7 @@ class Core:
             return [facts.Revived(known), *self._pending_delivery(known, at)]
         if known is not None and (self._join_across or part in known.partitions()):
             # Only a task still being polled can take it: an event built cannot list it.
-            known.origins.append(origin)
+            known.add_origin(origin)
             return [facts.Joined(known.task_id, rec.partition, rec.offset)]
         headers, dropped = ev.carried_headers(rec.headers, self._keep_binary_headers)
         created_wall = min(
@@ -226,7 +230,7 @@ class Core:
         )
         task = Task(
             task_id=parsed.task_id,
-            model=parsed.model,
+            model=self._shared_name(parsed.model),
             created=now - (at.wall - created_wall),
             created_wall=created_wall,
             first_seen=now,
@@ -413,8 +417,11 @@ class Core:
             return [], now < self.scheduler.paused_until
         out: list[Effect] = []
         if now >= self._sweep_at:
-            self._sweep_at = now + SWEEP_INTERVAL_S
-            for task_id in self.scheduler.waiting():
+            waiting = self.scheduler.waiting()
+            # A long backlog is walked less often: at most SWEEP_CHECKS_PER_S tasks a second,
+            # so a deadline is seen late by up to len(waiting) / SWEEP_CHECKS_PER_S seconds.
+            self._sweep_at = now + max(SWEEP_INTERVAL_S, len(waiting) / SWEEP_CHECKS_PER_S)
+            for task_id in waiting:
                 task = self._active.get(task_id)
                 if task is not None and task.state is State.POLLING and overdue(task, now):
                     out += self._finish(task, "timeout", _timeout_reason(task), at)
@@ -845,16 +852,28 @@ class Core:
                 self._move(out.task, State.PARKED)
                 self._active[out.task.task_id] = out.task
 
-    @staticmethod
-    def _learn(task: Task, prediction: Prediction | None, at: Instant) -> None:
-        """What an answer about the task tells: its result so far, creation time, model."""
+    def _learn(self, task: Task, prediction: Prediction | None, at: Instant) -> None:
+        """What an answer about the task tells: its creation time, model, result so far
+        (in that order: the task keeps only what the first two do not say already)."""
         if prediction is None:
             return
-        task.prediction = prediction
         if prediction.created_at is not None:
             task.learn_created(at.mono - (at.wall - prediction.created_at), prediction.created_at)
         if task.model is None and prediction.model:
-            task.model = prediction.model
+            task.model = self._shared_name(prediction.model)
+        task.prediction = prediction
+
+    def _shared_name(self, name: str | None) -> str | None:
+        """One copy of a model's name for all its tasks, not one per input record; a
+        bounded table, so a flood of distinct names only stops the sharing."""
+        if name is None:
+            return None
+        shared = self._names.get(name)
+        if shared is None:
+            if len(self._names) >= MAX_SHARED_NAMES:
+                return name
+            shared = self._names[name] = name
+        return shared
 
     def _move(self, task: Task, state: State) -> None:
         """Change a task's state, keeping the counts per state (in_flight, parked) exact."""

@@ -11,13 +11,14 @@ Pure. Accepted values:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
+
+from bridge.core import jsoncodec
 
 MAX_TASK_ID_LENGTH = 128
 # Conservative on purpose: no '/', '?', '#', '%', '.' or spaces can reach a URL path.
@@ -201,7 +202,7 @@ def _parse_json(
     text: str, max_timeout_s: float, tenant_field: tuple[str, ...] | None
 ) -> TaskRequest | Rejected:
     try:
-        obj = json.loads(text)
+        obj = jsoncodec.loads(text)
     except (ValueError, RecursionError) as exc:
         return Rejected("invalid_json", f"not valid JSON: {str(exc)[:120]}")
     if isinstance(obj, str):

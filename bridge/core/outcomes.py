@@ -10,11 +10,11 @@ imports no I/O library.
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from bridge.core import jsoncodec
 from bridge.core.messages import finite_number, parse_timestamp, safe_text
 
 
@@ -168,7 +168,7 @@ def interpret(code: int, retry_after: str | None, body: bytes, now: float) -> Ou
     if code != 200:
         return _bad(code, f"unexpected HTTP {code}")
     try:
-        envelope = json.loads(body)
+        envelope = jsoncodec.loads(body)
     except (ValueError, RecursionError):
         return _bad(code, "body is not JSON")
     data = envelope.get("data") if isinstance(envelope, dict) else None

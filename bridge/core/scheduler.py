@@ -277,6 +277,8 @@ class Scheduler(Generic[K]):
             if key in in_ready:
                 in_ready.discard(key)
                 out.append((key, due))
+        if not in_ready:  # a set never shrinks: drop the table a burst of due polls grew
+            self._in_ready = set()
         if self.budget is not None and out:
             self.budget.take(len(out), now)
         if n < want:  # due polls held back by the budget alone, from now until the next take

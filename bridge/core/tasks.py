@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
+from bridge.core.events import rfc3339
 from bridge.core.messages import Headers
 from bridge.core.outcomes import Prediction
 from bridge.core.tracecontext import Trace
@@ -18,30 +20,75 @@ class State(enum.Enum):
     PUBLISHING = "publishing"  # terminal: its event is out, waiting for the broker's ack
 
 
+class _Shape:
+    """What is left of a prediction once the task's own fields are set apart (its id, model
+    and creation time are the task's): the same for most answers (a pending one, usually),
+    so one instance serves every task with an answer of that shape."""
+
+    __slots__ = (
+        "created",
+        "error",
+        "has_id",
+        "has_model",
+        "inference_ms",
+        "nsfw",
+        "raw_derived",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: str | None,
+        error: str | None,
+        inference_ms: int | None,
+        has_id: bool,
+        has_model: bool,
+        nsfw: bool,
+        created: bool,
+        raw_derived: bool,
+    ) -> None:
+        self.status, self.error, self.inference_ms = status, error, inference_ms
+        self.has_id, self.has_model, self.nsfw, self.created = has_id, has_model, nsfw, created
+        self.raw_derived = raw_derived  # created_at as the API wrote it is rfc3339's
+
+
+# The shapes in use; cleared when full (tasks keep theirs), so odd answers cannot grow it.
+_SHAPES: dict[tuple[object, ...], _Shape] = {}
+_MAX_SHAPES = 256
+# Input partitions as (topic, partition), one tuple each for all their tasks; cleared when full.
+_PARTS: dict[tuple[str, int], tuple[str, int]] = {}
+_MAX_PARTS = 4096
+
+
 class Task:
     """One prediction being polled. Times are the clock's monotonic seconds unless named ``_wall``.
 
     ``__slots__`` keeps a tracked task near a few hundred bytes: the bridge holds up to
-    ``polling.max_in_flight`` of them.
+    ``polling.max_in_flight`` of them (``bench/task_memory.py`` counts them). For that,
+    what can be derived is: ``deadline``, a key that is the task id, a single origin, and
+    the parts of the last answer that are the task's own or shared (``prediction``).
     """
 
+    _key: bytes | bool | None  # True: the task id, encoded
+
     __slots__ = (
+        "_created_raw",
+        "_key",
+        "_origins",
+        "_part",
+        "_prediction",
         "created",
         "created_wall",
-        "deadline",
         "delivered_wall",
         "failures",
         "first_seen",
         "headers",
-        "key",
         "last_error",
         "last_pending_poll",
         "last_poll",
         "metadata",
         "model",
-        "origins",
         "polls",
-        "prediction",
         "state",
         "task_id",
         "tenant",
@@ -74,27 +121,131 @@ class Task:
         self.created_wall = created_wall
         self.first_seen = first_seen  # when the bridge consumed it
         self.timeout_s = timeout_s
-        self.deadline = max(created + timeout_s, first_seen)
         self.metadata = metadata
         self.key = key
         self.headers = headers
-        # (topic, partition, offset) of every input record waiting on this task's event.
-        self.origins: list[Origin] = [origin] if origin is not None else []
+        # (topic, partition, offset) of every input record waiting on this task's event,
+        # see ``origins``: one is its partition (shared) and offset, several a tuple.
+        self._part: tuple[str, int] | None = None
+        self._origins: int | tuple[Origin, ...] = ()
+        if origin is not None:
+            self.origins = (origin,)
         self.state = State.POLLING
         self.polls = 0
         self.failures = 0  # consecutive transient failures
         self.last_poll: float | None = None
         self.last_pending_poll: float | None = None  # last poll that saw a non-terminal status
         self.last_error: str | None = None
-        self.prediction: Prediction | None = None  # the last one the API returned
+        self._prediction: Prediction | _Shape | None = None  # see ``prediction``
+        self._created_raw: str | None = None
         self.delivered_wall: float | None = None  # when a webhook delivery for it arrived
+
+    @property
+    def deadline(self) -> float:
+        # Derived, not kept (a float each): max(created + timeout_s, first_seen), inlined.
+        at = self.created + self.timeout_s
+        return at if at >= self.first_seen else self.first_seen
 
     def learn_created(self, created: float, created_wall: float) -> None:
         """Adopt the API's ``created_at``: it can only move the creation time earlier."""
         if created < self.created:
+            if isinstance(self._prediction, _Shape) and self._prediction.created:
+                self._prediction = self.prediction  # it reads created_wall: fixed first
             self.created = created
             self.created_wall = created_wall
-            self.deadline = max(created + self.timeout_s, self.first_seen)
+
+    @property
+    def key(self) -> bytes | None:
+        key = self._key
+        return self.task_id.encode() if isinstance(key, bool) else key
+
+    @key.setter
+    def key(self, key: bytes | None) -> None:
+        # Usually the task id itself: kept as a flag rather than a second copy.
+        self._key = True if key is not None and key == self.task_id.encode() else key
+
+    @property
+    def origins(self) -> tuple[Origin, ...]:
+        part, origins = self._part, self._origins
+        if part is not None:
+            return ((part[0], part[1], cast(int, origins)),)
+        return cast(tuple[Origin, ...], origins)
+
+    @origins.setter
+    def origins(self, origins: Iterable[Origin]) -> None:
+        several = tuple(origins)
+        if len(several) != 1:
+            self._part, self._origins = None, several
+            return
+        topic, partition, offset = several[0]
+        part = (topic, partition)
+        shared = _PARTS.get(part)
+        if shared is None:
+            if len(_PARTS) >= _MAX_PARTS:
+                _PARTS.clear()
+            shared = _PARTS[part] = part
+        self._part, self._origins = shared, offset  # the offset: the same int offsets keeps
+
+    def add_origin(self, origin: Origin) -> None:
+        self.origins = (*self.origins, origin)
+
+    @property
+    def prediction(self) -> Prediction | None:
+        """The last prediction the API returned (rebuilt on each read when kept apart)."""
+        p = self._prediction
+        if not isinstance(p, _Shape):
+            return p
+        return Prediction(
+            id=self.task_id if p.has_id else None,
+            model=self.model if p.has_model else None,
+            status=p.status,
+            outputs=[],
+            error=p.error,
+            inference_ms=p.inference_ms,
+            created_at=self.created_wall if p.created else None,
+            created_at_raw=rfc3339(self.created_wall) if p.raw_derived else self._created_raw,
+            has_nsfw_contents=[] if p.nsfw else None,
+        )
+
+    @prediction.setter
+    def prediction(self, p: Prediction | None) -> None:
+        """Kept apart: the fields that are the task's own (its id, model and creation time,
+        so ``model`` and ``created_wall`` are learned first), the creation time as the API
+        wrote it, and a shape shared with every answer alike (a pending one, usually)."""
+        self._created_raw = None
+        if (
+            p is None
+            or p.outputs
+            or p.has_nsfw_contents
+            or p.error  # None or "" only: a long text is not shared
+            or (p.id is not None and p.id != self.task_id)
+            or (p.model is not None and p.model != self.model)
+            or (p.created_at is not None and p.created_at != self.created_wall)
+        ):
+            self._prediction = p
+            return
+        raw = p.created_at_raw
+        # As the API wrote it, usually what rfc3339 writes: derived then, not kept.
+        derived = raw is not None and p.created_at is not None and raw == rfc3339(p.created_at)
+        key = (
+            p.status,
+            p.error,
+            p.inference_ms,
+            p.id is not None,
+            p.model is not None,
+            p.has_nsfw_contents is not None,
+            p.created_at is not None,
+            derived,
+        )
+        shape = _SHAPES.get(key)
+        if shape is None:
+            if len(_SHAPES) >= _MAX_SHAPES:
+                _SHAPES.clear()
+            shape = _SHAPES[key] = _Shape(p.status, p.error, p.inference_ms, *key[3:])
+        self._prediction = shape
+        self._created_raw = None if derived else raw
 
     def partitions(self) -> set[tuple[str, int]]:
+        if self._part is not None:
+            return {self._part}
         return {(t, p) for t, p, _ in self.origins}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -24,6 +24,8 @@ from bridge.core.messages import task_path
 from bridge.core.outcomes import ErrorKind, Kind, Outcome, interpret
 
 log = structlog.get_logger("wavespeed_bridge.api")
+
+LIMIT_CHECK_S = 0.05  # how late past its total limit a request may be cut
 
 # RFC 3986 reserved characters, '%' (escapes already there) and the {id} placeholder.
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%{}~"
@@ -101,6 +103,17 @@ async def read_capped(
     return Response(status, retry_after, bytes(body))
 
 
+def _within(declared: str | None, max_bytes: int) -> bool:
+    """A Content-Length that promises a body within the cap."""
+    return (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and len(declared) <= 18
+        and int(declared) <= max_bytes
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class HttpOptions:
     """What both HTTP transports are built from."""
@@ -150,9 +163,16 @@ class AiohttpTransport:
         try:
             async with session.get(url, allow_redirects=False) as response:
                 headers = response.headers
+                declared = headers.get("Content-Length")
+                if _within(declared, self._options.max_response_bytes):
+                    # One read: the framing stops at the length (a quarter of the chunked
+                    # loop's cost per response).
+                    return Response(
+                        response.status, headers.get("Retry-After"), await response.read()
+                    )
                 return await read_capped(
                     response.status,
-                    headers.get("Content-Length"),
+                    declared,
                     headers.get("Retry-After"),
                     response.content.iter_any(),
                     self._options.max_response_bytes,
@@ -266,6 +286,12 @@ class ApiClient:
         self._template = transport.template
         self._total_timeout_s = total_timeout_s
         self._unexpected_logged: set[str] = set()
+        # The total limit of every request in flight, checked by one timer every
+        # LIMIT_CHECK_S: a timer per request (asyncio.timeout) cost 2% of a task's CPU.
+        self._limits: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._checking: asyncio.TimerHandle | None = None
+        self._checking_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def over_http(
@@ -325,20 +351,29 @@ class ApiClient:
         except ValueError as exc:  # a bad id; the parser should have refused it
             return Outcome(Kind.NOT_FOUND, reason=f"invalid task id ({exc})")
         limit = self._total_timeout_s if limit_s is None else min(limit_s, self._total_timeout_s)
-        total = asyncio.timeout(max(0.0, limit))
+        me = asyncio.current_task()
+        if limit <= 0 or me is None:
+            return _timed_out(limit)
+        loop = asyncio.get_running_loop()
+        self._limits[me] = loop.time() + limit
+        if self._checking is None or self._checking_loop is not loop:
+            self._checking, self._checking_loop = (
+                loop.call_later(LIMIT_CHECK_S, self._check_limits),
+                loop,
+            )
         try:
-            async with total:
-                got = await self._transport.get(target)
+            got = await self._transport.get(target)
         except TransportError as exc:
             what = "timeout" if exc.error is ErrorKind.TIMEOUT else "network error"
             return Outcome(Kind.TRANSIENT, reason=f"{what} ({exc.name})", error=exc.error)
-        except TimeoutError as exc:  # the total limit (a transport names its own timeouts)
-            why = (
-                f"no complete response within {limit:.3g}s"
-                if total.expired()
-                else type(exc).__name__
+        except asyncio.CancelledError:
+            if me in self._expired and me.uncancel() == 0:  # ours, and nobody else's
+                return _timed_out(limit)
+            raise
+        except TimeoutError as exc:  # a transport names its own timeouts
+            return Outcome(
+                Kind.TRANSIENT, reason=f"timeout ({type(exc).__name__})", error=ErrorKind.TIMEOUT
             )
-            return Outcome(Kind.TRANSIENT, reason=f"timeout ({why})", error=ErrorKind.TIMEOUT)
         except Exception as exc:  # a malformed response, or the client's own error
             name = type(exc).__name__
             if name not in self._unexpected_logged:  # a traceback once per kind, then counts
@@ -346,12 +381,39 @@ class ApiClient:
                 log.warning("unexpected error from the HTTP client", error=name, exc_info=exc)
             # Counted with network errors: no usable response came.
             return Outcome(Kind.TRANSIENT, reason=f"client error ({name})", error=ErrorKind.NETWORK)
+        finally:
+            del self._limits[me]
+            self._expired.discard(me)
         if isinstance(got, Oversize):
             return _oversize(got)
         return interpret(got.status, got.retry_after, got.body, now)
 
+    def _check_limits(self) -> None:
+        """Cancel the requests past their limit (each is told apart from any other cancel
+        by ``_expired``); again in LIMIT_CHECK_S while any request is in flight."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for task, limit in self._limits.items():
+            if limit <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._checking = (
+            loop.call_later(LIMIT_CHECK_S, self._check_limits) if self._limits else None
+        )
+
     async def aclose(self) -> None:
+        if self._checking is not None:
+            self._checking.cancel()
+            self._checking = None
         await self._transport.close()
+
+
+def _timed_out(limit: float) -> Outcome:
+    return Outcome(
+        Kind.TRANSIENT,
+        reason=f"timeout (no complete response within {max(0.0, limit):.3g}s)",
+        error=ErrorKind.TIMEOUT,
+    )
 
 
 def _oversize(got: Oversize) -> Outcome:

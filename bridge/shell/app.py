@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 
 from bridge import __version__
 from bridge.config import Config
+from bridge.core import jsoncodec
 from bridge.core.book import Core, Partition
 from bridge.core.clock import Clock, SystemClock
 from bridge.core.membership import Membership, State, deadline_s
@@ -179,6 +180,7 @@ class Bridge:
             api=cfg.api.base_url,
             policy=cfg.polling.policy,
             metrics=f"http://{cfg.server.host}:{self.server.port}/metrics",
+            json=jsoncodec.backend_in_use(),
         )
         clients: kafka_io.Clients | None = None
         try:
@@ -294,8 +296,8 @@ class Bridge:
                 producer,
                 retry_delay=lambda attempt: retry_delay(attempt, 0.5, 10.0, self.rng),
                 on_error=m.publish_failures.inc,
-                on_pending=m.events_pending.set,
             )
+            m.events_pending.set_function(lambda: publisher.pending)
             mode = AtLeastOnce(
                 consumer,
                 publisher,

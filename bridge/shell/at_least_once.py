@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ class _Delivery:
     record: OutputRecord
     on_ack: Callable[[], None]
     reduced: Callable[[], OutputRecord] | None
-    done: asyncio.Future[None]
+    seq: int
     attempt: int = 0
 
 
@@ -65,18 +65,20 @@ class Publisher:
         *,
         retry_delay: Callable[[int], float],
         on_error: Callable[[], None] = lambda: None,
-        on_pending: Callable[[int], None] = lambda n: None,
     ) -> None:
         self._producer = producer
         self._retry_delay = retry_delay
         self._on_error = on_error
-        self._on_pending = on_pending
         self._queue: collections.deque[_Delivery] = collections.deque()
         self._wake = asyncio.Event()
         # Topics the brokers do not list: their records wait here, the others go on.
         self._missing: frozenset[str] = frozenset()
         self._held: list[_Delivery] = []
-        self.pending = 0  # published and not yet acknowledged or given up
+        # Published and not yet acknowledged or given up, oldest first, by sequence number:
+        # what hand-over waits for, without a future per record.
+        self._open: dict[int, _Delivery] = {}
+        self._seq = 0
+        self._progress: asyncio.Event | None = None  # set at a settle while someone waits
         # Retry warnings are summarised: an outage fails every pending record, repeatedly.
         self._retries_unlogged = 0
         self._retry_logged_at = float("-inf")
@@ -86,13 +88,24 @@ class Publisher:
         record: OutputRecord,
         on_ack: Callable[[], None],
         reduced: Callable[[], OutputRecord] | None = None,
-    ) -> asyncio.Future[None]:
-        """Queue ``record``; the returned future resolves once it is acknowledged."""
-        done = asyncio.get_running_loop().create_future()
-        self.pending += 1
-        self._on_pending(self.pending)
-        self._enqueue(_Delivery(record, on_ack, reduced, done))
-        return done
+    ) -> None:
+        """Queue ``record``; ``on_ack`` is called once it is acknowledged (or given up)."""
+        self._seq += 1
+        d = self._open[self._seq] = _Delivery(record, on_ack, reduced, self._seq)
+        self._enqueue(d)
+
+    @property
+    def pending(self) -> int:
+        return len(self._open)
+
+    def settled(self) -> Coroutine[Any, Any, None]:
+        """Done once every record published before the call is acknowledged or given up."""
+        return self._settled_upto(self._seq)
+
+    async def _settled_upto(self, upto: int) -> None:
+        while (oldest := next(iter(self._open), None)) is not None and oldest <= upto:
+            progress = self._progress = self._progress or asyncio.Event()
+            await progress.wait()
 
     def hold_topics(self, missing: frozenset[str]) -> None:
         """Hold records for ``missing`` topics (a send would block the queue on metadata)."""
@@ -165,12 +178,12 @@ class Publisher:
         self._settle(d)
 
     def _settle(self, d: _Delivery) -> None:
-        self.pending -= 1
-        self._on_pending(self.pending)
+        del self._open[d.seq]
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
         # Given up counts as done too: the offset moves on rather than block the partition.
         d.on_ack()
-        if not d.done.done():
-            d.done.set_result(None)
 
 
 class AtLeastOnce:
@@ -190,7 +203,6 @@ class AtLeastOnce:
         self._consumer, self._publisher = consumer, publisher
         self._core, self._effects, self._clock = core, effects, clock
         self._config, self._metrics = config, metrics
-        self._unsettled: set[asyncio.Future[None]] = set()
         self._metadata_checked = False
         self._publishing = asyncio.create_task(publisher.run(), name="publish")
 
@@ -203,9 +215,7 @@ class AtLeastOnce:
                 p.settle(True)
             self._effects.apply(self._core.acknowledged(p.ticket, self._clock.read()))
 
-        done = self._publisher.publish(p.record, on_ack, p.reduced)
-        self._unsettled.add(done)
-        done.add_done_callback(self._unsettled.discard)
+        self._publisher.publish(p.record, on_ack, p.reduced)
 
     async def commit(self, only: set[Partition] | None = None) -> None:
         """Each partition's position with its offset map as metadata."""
@@ -267,8 +277,9 @@ class AtLeastOnce:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         settle = timeout - min(HAND_OVER_COMMIT_S, timeout / 2)
-        if self._unsettled and settle > 0:
-            await asyncio.wait(list(self._unsettled), timeout=settle)
+        if self._publisher.pending and settle > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._publisher.settled(), settle)
         with contextlib.suppress(TimeoutError):  # the next owner repeats what is uncommitted
             await bounded(
                 self.commit(only=partitions),
@@ -280,6 +291,4 @@ class AtLeastOnce:
         self._publisher.hold_topics(missing)
 
     def close(self) -> None:
-        for done in self._unsettled:
-            done.cancel()
         self._publishing.cancel()

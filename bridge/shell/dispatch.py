@@ -34,6 +34,7 @@ class Dispatcher:
         self._requests = 0
         self._polls: set[asyncio.Task[None]] = set()
         self._waiter: asyncio.Future[None] | None = None
+        telemetry.metrics.requests_in_flight.set_function(lambda: self._requests)
         self.running = True  # a cancel that asyncio.wait_for swallows must still end the loop
 
     def wake(self) -> None:
@@ -76,16 +77,14 @@ class Dispatcher:
             await self._sleep(None if at is None else at - now)
 
     async def _poll(self, task: Task) -> None:
-        metrics, tracing = self._telemetry.metrics, self._telemetry.tracing
+        tracing = self._telemetry.tracing
         started = self._clock.monotonic()
-        metrics.requests_in_flight.inc()
         span = tracing.poll(task) if tracing.enabled else None
         try:
             limit = self._core.request_limit(task, started)
             outcome = await self._api.fetch(task.task_id, self._clock.time(), limit)
         finally:
             self._requests -= 1
-            metrics.requests_in_flight.dec()
             self.wake()
         at = self._clock.read()
         if span is not None:

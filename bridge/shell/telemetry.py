@@ -20,7 +20,7 @@ from bridge.core.book import Core
 from bridge.core.facts import Fact
 from bridge.core.outcomes import Kind, Outcome, status_class
 from bridge.core.tasks import Task
-from bridge.edges.metrics import Metrics
+from bridge.edges.metrics import Children, Metrics
 from bridge.edges.tracing import Tracing
 
 log = structlog.get_logger("wavespeed_bridge")
@@ -38,6 +38,18 @@ class Telemetry:
         self._budget_wait_seen = 0.0
         self._taken_seen = 0  # scheduler.taken at the last gauge sample
         self._sampled_at = now
+        # Bound now (after logs.configure): the module's proxy binds again on every line.
+        self._log = log.bind()
+        m = metrics
+        m.in_flight.set_function(lambda: core.in_flight)
+        self._consumed_n = Children(m.consumed)
+        self._finished_n = Children(m.finished)
+        self._published_n = Children(m.published)
+        self._polls = Children(m.polls_per_task)
+        self._end_to_end = Children(m.end_to_end)
+        self._inference = Children(m.inference)
+        self._delay = Children(m.detection_delay)
+        self._responses = Children(m.api_responses)
 
     def observe(self, observed: Iterable[Fact]) -> None:
         """Report facts. A :class:`~bridge.core.facts.Publish` never comes here: the shell
@@ -88,12 +100,10 @@ class Telemetry:
     # --- facts -----------------------------------------------------------------------------
 
     def _consumed(self, f: facts.Consumed) -> None:
-        m = self.metrics
-        m.consumed.labels(m.model_label(f.task.model)).inc()
-        m.in_flight.set(self._core.in_flight)
+        self._consumed_n(self.metrics.model_label(f.task.model)).inc()
         if self.tracing.enabled:
             self.tracing.consumed(f.task, f.partition, f.offset)
-        log.info(
+        self._log.info(
             "task consumed",
             task_id=f.task.task_id,
             model=f.task.model,
@@ -141,7 +151,7 @@ class Telemetry:
 
     def _finished(self, f: facts.Finished) -> None:
         t = f.task
-        log.info(
+        self._log.info(
             "task finished",
             task_id=t.task_id,
             model=t.model,
@@ -156,20 +166,19 @@ class Telemetry:
     def _delivered(self, f: facts.Delivered) -> None:
         m, t, kind = self.metrics, f.task, f.kind
         model = m.model_label(t.model)
-        m.finished.labels(model, kind).inc()
-        m.published.labels(kind).inc()
-        m.polls_per_task.labels(model).observe(t.polls)
+        self._finished_n(model, kind).inc()
+        self._published_n(kind).inc()
+        self._polls(model).observe(t.polls)
         exemplar = exemplar_of(t)
-        m.end_to_end.labels(model, kind).observe(max(0.0, f.at.wall - t.created_wall), exemplar)
+        self._end_to_end(model, kind).observe(max(0.0, f.at.wall - t.created_wall), exemplar)
         m.publish_latency.observe(max(0.0, f.at.mono - f.finished.mono))
-        m.in_flight.set(self._core.in_flight)
         p = t.prediction
         if kind == "completed" and p is not None and p.inference_ms is not None:
-            m.inference.labels(model).observe(p.inference_ms / 1000.0)
+            self._inference(model).observe(p.inference_ms / 1000.0)
         delay = None
         if kind != "timeout" and t.last_pending_poll is not None:
             delay = f.finished.mono - t.last_pending_poll
-            m.detection_delay.labels(model).observe(delay, exemplar)
+            self._delay(model).observe(delay, exemplar)
         if self._tenants:
             tenant = m.tenant_label(t.tenant)
             m.tenant_finished.labels(tenant, kind).inc()
@@ -182,7 +191,7 @@ class Telemetry:
         m = self.metrics
         m.webhook_finished.labels("confirm_poll" if f.confirm else "delivery").inc()
         m.polls_avoided.inc(f.spared)
-        log.info(
+        self._log.info(
             "webhook delivery applied",
             task_id=f.task.task_id,
             webhook_id=f.webhook_id,
@@ -231,7 +240,6 @@ class Telemetry:
 
     def _released(self, f: facts.Released) -> None:
         self.metrics.rebalance_duplicates.inc(f.duplicate_risk)
-        self.metrics.in_flight.set(self._core.in_flight)
         if f.why == "revoked":
             log.info(
                 "partitions revoked",
@@ -258,7 +266,7 @@ class Telemetry:
     def request_done(self, outcome: Outcome, seconds: float) -> None:
         m = self.metrics
         m.api_request_duration.observe(seconds)
-        m.api_responses.labels(status_class(outcome.status_code)).inc()
+        self._responses(status_class(outcome.status_code)).inc()
         m.api_up.set(0 if outcome.kind in (Kind.TRANSIENT, Kind.AUTH) else 1)
         if outcome.error is not None:
             m.api_errors.labels(outcome.error.value).inc()
@@ -295,7 +303,6 @@ class Telemetry:
         """Sample the core's state (every commit interval)."""
         m, core = self.metrics, self._core
         sample = core.sample(now)
-        m.in_flight.set(core.in_flight)
         m.due.set(sample.due)
         m.budget_wait.inc(max(0.0, sample.budget_wait_s - self._budget_wait_seen))
         self._budget_wait_seen = sample.budget_wait_s
