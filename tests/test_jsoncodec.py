@@ -115,3 +115,29 @@ def test_outcome_id_is_uuid5(source: str, task_id: str, kind: str) -> None:
             events.outcome_id(source, task_id, kind)
         return
     assert events.outcome_id(source, task_id, kind) == expected
+
+
+def test_the_bridge_runs_without_orjson_installed() -> None:
+    """An interpreter where ``import orjson`` fails: the codec, events and logs still work."""
+    import subprocess
+    import sys
+
+    script = """
+import io, sys
+sys.modules["orjson"] = None  # what a missing package looks like to import
+from bridge.core import events, jsoncodec
+from bridge.edges import logs
+import structlog
+assert jsoncodec.backend_in_use() == "stdlib" and jsoncodec.use(None) == "stdlib"
+out = io.StringIO()
+logs.configure(fmt="json", secrets=["s3cret-value"], stream=out)
+structlog.get_logger("t").info("hello", key="s3cret-value")
+logs.flush()
+assert '"key":"[REDACTED]"' in out.getvalue().replace(" ", ""), out.getvalue()
+print(events.encode({"a": float("nan"), "b": "\\ud800"}).decode("utf-8"))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"a": None, "b": "\ufffd"}

@@ -69,15 +69,17 @@ def outcome_id(source: str, task_id: str, event_type: str) -> str:
 _FIRST_UNIX = 0.0
 _LAST_UNIX = 253402300799.999
 _MAX_DEPTH = 64
-_last_second: list[tuple[int, str]] = [(-1, "")]  # most events fall in the second before
+# The seconds' text of recent calls: an event writes its observation time (the same second
+# as the one before it, mostly) and its outputs' expiry (a week after its creation).
+_SECONDS: dict[int, str] = {}
+_MAX_SECONDS = 4096
 
 
 def rfc3339(unix: float) -> str:
     """Unix seconds as ``2024-01-01T12:00:00.000Z``; clamped to 1970..9999 (NaN: the epoch).
 
     What ``datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")`` writes
-    (the same rounding to microseconds; tests check they agree), with the seconds' text
-    kept from the last call.
+    (the same rounding to microseconds; tests check they agree), the seconds' text kept.
     """
     if not _FIRST_UNIX <= unix <= _LAST_UNIX:  # also true for NaN
         unix = _LAST_UNIX if unix > _LAST_UNIX else _FIRST_UNIX
@@ -86,10 +88,11 @@ def rfc3339(unix: float) -> str:
     second = int(whole)
     if us >= 1_000_000:
         second, us = second + 1, us - 1_000_000
-    cached, text = _last_second[0]
-    if cached != second:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _last_second[0] = (second, text)
+    text = _SECONDS.get(second)
+    if text is None:
+        if len(_SECONDS) >= _MAX_SECONDS:
+            _SECONDS.clear()
+        text = _SECONDS[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{text}.{us // 1000:03d}Z"
 
 

@@ -27,6 +27,8 @@ class Kind(enum.Enum):
     RATE_LIMITED = "rate_limited"  # 429
     TRANSIENT = "transient"  # 5xx, network errors, unreadable bodies: retry with backoff
 
+    __hash__ = object.__hash__  # as bridge.core.tasks.State: every outcome is looked up
+
 
 class ErrorKind(enum.Enum):
     """Why a poll got no usable answer: the ``api_errors_total{kind}`` label."""

@@ -19,6 +19,10 @@ class State(enum.Enum):
     PARKED = "parked"  # its partition was revoked; revived if the records come back
     PUBLISHING = "publishing"  # terminal: its event is out, waiting for the broker's ack
 
+    # Members are singletons: identity is their hash, in C (Enum's hashes the name in
+    # Python, and the core counts tasks per state several times a task).
+    __hash__ = object.__hash__
+
 
 class _Shape:
     """What is left of a prediction once the task's own fields are set apart (its id, model

@@ -68,7 +68,9 @@ class Dispatcher:
             self._effects.apply(expired)
             sweep = SWEEP_INTERVAL_S if waiting else None
             if self._requests >= self._limit:
-                await self._sleep(sweep)  # a finishing request wakes us
+                # A finishing request wakes us, and one always finishes within its limit:
+                # no timer per wake-up (at the limit, that is one per request).
+                await self._sleep(None)
                 continue
             now = clock.monotonic()
             at = core.next_wakeup(now)
