@@ -42,7 +42,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from bench.throughput.measurement import ms, other_work
 from bench.throughput.pollers import BridgeProc
@@ -176,22 +175,20 @@ async def measure(
 
     def proc(workdir: Path, name: str, config: dict[str, Any]) -> BridgeProc:
         config["tracing"] = {"enabled": v.tracing}
-        return BridgeProc(workdir, f"{name}-{v.slug}", config, cwd=cwd, env=env)
+        return BridgeProc(workdir, name, config, cwd=cwd, env=env)
 
     s = stack.s
     say(f"  {v.slug}{' (profiled)' if v.profile else ''}")
-    with mock.patch.object(sustained_scenario, "BridgeProc", proc):
-        r = await sustained_scenario.sustained(
-            stack,
-            stack.broker,
-            s.transport,
-            seconds=s.sustained_seconds,
-            profile=v.profile,
-            delivery=v.delivery,
-        )
-    raw = stack.workdir / f"profile-sustained-kafka-{s.transport}-{v.delivery}-max.txt"
-    if raw.exists():  # the scenario names it by delivery alone: keep each run's
-        raw.rename(stack.workdir / f"profile-{v.slug}.txt")
+    r = await sustained_scenario.sustained(
+        stack,
+        stack.broker,
+        s.transport,
+        seconds=s.sustained_seconds,
+        profile=v.profile,
+        delivery=v.delivery,
+        bridge_proc=proc,
+        label=f"-{v.slug}",
+    )
     return {"variant": dataclasses.asdict(v), **r}
 
 
@@ -450,7 +447,8 @@ METHOD = """\
   that directory as cwd and `PYTHONPATH` (checked: `bridge.cli` imports from there).
 - The runs alternate (before/after ABBA, variants between) so the machine's drift favours
   no side; the bare loop's start and end show the drift.
-- Working files (configs, logs, raw profiles `profile-*.txt`, `results.json`): `{workdir}`.
+- Working files (configs, logs, raw profiles `profile-sustained-*.txt`, `results.json`):
+  `{workdir}`.
 """
 
 

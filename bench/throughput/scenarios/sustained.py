@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench.procs import cpu_shares, rss_bytes, sample_cpu
@@ -59,9 +61,12 @@ async def sustained(
     profile: bool,
     delivery: str = "at_least_once",
     rate: float | None = None,
+    bridge_proc: Callable[[Path, str, dict[str, Any]], BridgeProc] = BridgeProc,
+    label: str = "",
 ) -> dict[str, Any]:
     """One run; ``rate``: feed that many tasks/s instead of keeping a backlog (latency at a
-    load the bridge keeps up with, rather than at its limit)."""
+    load the bridge keeps up with, rather than at its limit). ``bridge_proc`` starts the
+    bridge (another checkout, another environment); ``label`` tells the run's files apart."""
     s, sim = stack.s, stack.sim
     topics = await stack.topics(broker)
     base = await sim.requests()
@@ -69,7 +74,7 @@ async def sustained(
     async def polled() -> int:
         return await sim.requests() - base
 
-    name = f"{broker.key}-{transport}-{delivery}-{rate or 'max'}"
+    name = f"{broker.key}-{transport}-{delivery}-{rate or 'max'}{label}"
     async with Feeder(sim, broker.bootstrap, stack.rng) as feeder:
         if rate is None:
             await feeder.feed(topics.input, done_on_first_poll(20_000))
@@ -83,7 +88,7 @@ async def sustained(
             transport=transport,
         )
         config["delivery"] = delivery
-        bridge = BridgeProc(stack.workdir, f"bridge-sustained-{name}", config)
+        bridge = bridge_proc(stack.workdir, f"bridge-sustained-{name}", config)
         feeding = asyncio.create_task(
             top_up(feeder, topics.input, polled, 20_000)
             if rate is None
