@@ -278,8 +278,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print, do not write")
     args = parser.parse_args(argv)
-    print(render(measure(args.tasks, args.seed)))
+    text = render(measure(args.tasks, args.seed))
+    if args.no_write:
+        print(text)
+        return
+    out = Path(__file__).resolve().parent / "results" / "task_memory.md"
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
