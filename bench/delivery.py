@@ -12,7 +12,7 @@ Kafka and the simulator run on core 1, the bridge on core 0 (as ``bench.throughp
    poll is a consume, a GET, an event and a commit. Tasks/s and the bridge's own
    publish-latency histogram (terminal poll → broker acknowledgement; in exactly-once mode
    the transaction's commit). Targets: exactly-once ≥ 0.8x the at-least-once rate,
-   publish p99 ≤ commit interval + 50 ms.
+   publish p99 ≤ commit interval + 50 ms paced, + 100 ms at the CPU limit (issue 22).
 2. Out of order: 10,000 tasks of 2-60 s on 4 partitions at once; the largest offset map
    (``offset_map_bytes``) and the partitions paused for a full map, every 2 s.
 
@@ -159,6 +159,7 @@ def report(results: dict[str, Any], elapsed: float) -> str:
             f"{r['cpu']['bridge']:.0%} | {_ms(pub['p50'])} | {_ms(pub['p99'])} |"
         )
     target = COMMIT_INTERVAL_S + 0.05
+    target_limit = COMMIT_INTERVAL_S + 0.1  # issue 22
     lines += [
         "",
         "| target | measured (medians) |",
@@ -168,8 +169,10 @@ def report(results: dict[str, Any], elapsed: float) -> str:
         f"| exactly-once publish p99 ≤ commit interval + 50 ms ({target * 1000:,.0f} ms), paced | "
         f"{'✅' if p99['exactly_once'] <= target else '❌'} {_ms(p99['exactly_once'])} "
         f"(at least once: {_ms(p99['at_least_once'])}) |",
-        f"| the same at the limit (CPU-bound, backlog) | "
-        f"{'✅' if p99_max['exactly_once'] <= target else '❌'} {_ms(p99_max['exactly_once'])} "
+        f"| exactly-once publish p99 ≤ commit interval + 100 ms ({target_limit * 1000:,.0f} ms) "
+        "at the limit (CPU-bound, backlog) | "
+        f"{'✅' if p99_max['exactly_once'] <= target_limit else '❌'} "
+        f"{_ms(p99_max['exactly_once'])} "
         f"(at least once: {_ms(p99_max['at_least_once'])}) |",
     ]
     o = results["out_of_order"]

@@ -902,8 +902,9 @@ def explain(config: Config) -> list[str]:
     if config.delivery == "exactly_once":
         prefix = k.transactional_id_prefix or k.group_id
         lines.append(
-            "delivery   exactly_once: each commit interval, one transaction per input partition"
-            " carries its events and its offset (with the offset map); subscribers reading"
+            "delivery   exactly_once: one transaction per input partition carries its events"
+            " and its offset (with the offset map), committed so that no event waits longer"
+            " than kafka.commit_interval_s for it; subscribers reading"
             f" with isolation.level=read_committed see each outcome once. Transactional ids"
             f" {prefix}-{k.input_topic}-<partition>: the member owning a partition owns its id,"
             " so a replica that lost the partition is fenced. Needs a broker with"

@@ -30,10 +30,15 @@ P: Partition = (T, 0)
 DONE = Outcome(Kind.COMPLETED, 200, Prediction(status="completed", outputs=["u"]))
 
 
-def config() -> Config:
+def config(interval_s: float = 1.0) -> Config:
     return build_config(
         {
-            "kafka": {"input_topic": T, "session_timeout_ms": 300, "heartbeat_interval_ms": 100},
+            "kafka": {
+                "input_topic": T,
+                "session_timeout_ms": 300,
+                "heartbeat_interval_ms": 100,
+                "commit_interval_s": interval_s,
+            },
             "polling": {"interval_s": 1.0, "jitter": 0.0, "default_timeout_s": 10},
             "delivery": "exactly_once",
         },
@@ -47,6 +52,7 @@ class Producer:
     def __init__(self, fail_offsets: BaseException | None = None) -> None:
         self.fail_offsets = fail_offsets
         self.aborted = self.committed = 0
+        self.calls: list[str] = []  # what the mode asked, in order
 
     async def start(self) -> None:
         pass
@@ -55,7 +61,7 @@ class Producer:
         pass
 
     async def begin_transaction(self) -> None:
-        pass
+        self.calls.append("begin")
 
     async def send(self, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -65,18 +71,35 @@ class Producer:
     async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
         if self.fail_offsets is not None:
             raise self.fail_offsets
+        [(_, at)] = offsets.items()
+        self.calls.append(f"offset {at.offset}")
+        await asyncio.sleep(0)  # as aiokafka's: handed to its sender, then waits for it
 
     async def commit_transaction(self) -> None:
+        self.calls.append("commit")
         self.committed += 1
 
     async def abort_transaction(self) -> None:
         self.aborted += 1
 
 
+class SlowProducer(Producer):
+    """Its commits wait until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ending, self.release = asyncio.Event(), asyncio.Event()
+
+    async def commit_transaction(self) -> None:
+        self.ending.set()
+        await self.release.wait()
+        await super().commit_transaction()
+
+
 class Setup:
-    def __init__(self, producer: Producer) -> None:
+    def __init__(self, producer: Producer, interval_s: float = 1.0) -> None:
         self.clock = ManualClock()
-        self.config = config()
+        self.config = config(interval_s)
         self.core = Core(
             self.config,
             policy=FixedInterval(1.0, jitter=0.0),
@@ -117,6 +140,11 @@ class Setup:
         )
         self.effects.apply(self.core.on_outcome(self.core.polling()[task_id], DONE, at))
 
+    async def commit_due(self) -> None:
+        """The periodic commit, once the transaction's oldest event is due."""
+        self.clock.now += self.config.kafka.commit_interval_s
+        await self.mode.commit()
+
     def transactions(self, result: str) -> float:
         value: float = self.metrics.transactions.labels(result)._value.get()
         return value
@@ -126,11 +154,81 @@ async def test_a_transaction_commits_its_events_with_its_offset() -> None:
     s = Setup(producer := Producer())
     s.core.assign({P: (0, "")})
     s.finished_task(0, "t0")
-    await s.mode.commit()  # opens the lane (the id of an active partition), then commits
+    await s.commit_due()  # opens the lane (the id of an active partition), then commits
     assert s.made == [transactional_id(s.config, P)]
     assert producer.committed == 1 and s.transactions("committed") == 1
     assert s.core.publishing() == {} and s.core.open_records == 0
     s.mode.close()
+
+
+async def test_the_periodic_commit_leaves_a_transaction_with_events_to_its_deadline() -> None:
+    s = Setup(producer := Producer())
+    s.core.assign({P: (0, "")})
+    s.finished_task(0, "t0")
+    await s.mode.commit()  # the lane opens; its event is not due yet
+    assert producer.committed == 0
+    await s.commit_due()
+    assert producer.committed == 1 and s.core.publishing() == {}
+    s.mode.close()
+
+
+async def test_a_transaction_closes_by_itself_when_its_oldest_event_is_due() -> None:
+    s = Setup(producer := Producer(), interval_s=0.05)
+    s.core.assign({P: (0, "")})
+    await s.mode.commit()  # opens the lane (and commits where the partition starts)
+    before = producer.committed
+    s.finished_task(0, "t0")
+    await asyncio.sleep(0.02)
+    assert producer.committed == before
+    for _ in range(200):  # due 50 ms after the event: no periodic commit needed
+        await asyncio.sleep(0.01)
+        if producer.committed > before:
+            break
+    assert producer.committed == before + 1 and s.core.publishing() == {}
+    s.mode.close()
+
+
+async def test_the_group_joins_each_transaction_with_the_offset_it_has_committed() -> None:
+    """The commit then sends the new offset alone, with the end right behind it."""
+    s = Setup(producer := Producer())
+    s.core.assign({P: (0, "")})
+    s.finished_task(0, "t0")
+    await s.commit_due()
+    assert producer.calls == ["begin", "offset 1", "commit"]
+    producer.calls.clear()
+    s.finished_task(1, "t1")
+    await asyncio.sleep(0.01)  # sent into a new transaction, which the group joins at once
+    assert producer.calls == ["begin", "offset 1"]
+    await s.commit_due()
+    assert producer.calls == ["begin", "offset 1", "offset 2", "commit"]
+    assert s.core.committed_position(P) == 2
+    s.mode.close()
+
+
+async def test_a_transaction_the_group_could_not_join_is_aborted_not_ended() -> None:
+    s = Setup(producer := Producer())
+    s.core.assign({P: (0, "")})
+    s.finished_task(0, "t0")
+    await s.commit_due()
+    producer.fail_offsets = IllegalOperation("Not in the middle of a transaction")
+    s.finished_task(1, "t1")
+    await s.commit_due()
+    assert producer.committed == 1 and producer.aborted == 1 and s.restarted == [P]
+    s.mode.close()
+
+
+async def test_handing_over_commits_what_was_built_while_a_commit_was_under_way() -> None:
+    s = Setup(producer := SlowProducer())
+    s.core.assign({P: (0, "")})
+    s.finished_task(0, "t0")
+    committing = asyncio.create_task(s.commit_due())
+    await producer.ending.wait()
+    s.finished_task(1, "t1")  # built while its transaction commits: in the next one
+    producer.release.set()
+    await s.mode.hand_over({P}, timeout=5.0)
+    await committing
+    assert producer.committed == 2
+    assert s.core.publishing() == {} and s.core.committed_position(P) == 2
 
 
 async def test_no_transactional_id_is_opened_for_a_partition_not_tracked_here() -> None:
@@ -151,9 +249,10 @@ async def test_a_transaction_the_producer_left_is_aborted_and_the_partition_rest
     s = Setup(producer := Producer(IllegalOperation("Not in the middle of a transaction")))
     s.core.assign({P: (0, "")})
     s.finished_task(0, "t1")
-    await s.mode.commit()
+    await s.commit_due()
     assert s.transactions("aborted") == 1
     assert producer.aborted == 1 and s.restarted == [P]
+    assert producer.committed == 0  # its offset refused: the transaction is never ended
     assert s.core.publishing() == {}  # its event is not counted as delivered: sent again later
     s.mode.close()
 
@@ -167,7 +266,7 @@ async def test_a_fenced_partition_is_left_to_its_new_owner() -> None:
     s.core.assign({P: (0, "")})
     epoch = s.core.epoch(P)
     s.finished_task(0, "t1")
-    await s.mode.commit()
+    await s.commit_due()
     assert s.transactions("fenced") == 1 and s.fences == [(P, epoch)]
     # The member's consumer still lists the partition until its next heartbeat, and hands
     # over another record: it is not taken, and the id is not opened again.

@@ -1,5 +1,6 @@
 """The commit loop: the delivery mode commits on a fixed cadence; gauges and liveness ride
-along.
+along. (Exactly once also closes each transaction when its oldest event is due, on its own
+timer: ``bridge.shell.exactly_once``; this cadence commits what has only offsets.)
 
 Only records whose event (or dead-letter record) the broker acknowledged count as
 finished, so a committed offset never runs ahead of its output: how the commit is made is

@@ -12,12 +12,17 @@ needs nothing of the client but the protocol's oldest transactional guarantee.
 
 Each partition is a :class:`_Lane`, opened in one of the partition's epochs
 (``bridge.core.partitions``): events are sent into its open transaction as soon as they
-are built (the producer batches them meanwhile), and at each commit tick the lane adds its
-offset and commits, so a commit waits for little and an event is visible within about one
-commit interval. A transaction that fails is aborted and the partition starts again from
-its committed offset (a new epoch): its tasks are parked and revived when their records
-come back, and their events go out in a later transaction. A fenced lane's partition is
-left to its new owner. The core drops what a lane reports for an epoch gone by.
+are built (the producer batches them meanwhile). The transaction closes when its oldest
+event is due (``bridge.core.cadence``: the commit interval, less what its recent commits
+took), so an event is visible within about one commit interval however busy the process;
+events built while it commits go into the next one. The group joins each transaction
+when it begins (its offset as committed), so the commit itself is two round trips, the
+offset and the end, handed to the producer together. The periodic commit commits what
+has only offsets to commit. A transaction that fails is aborted and the partition starts
+again from its committed offset (a new epoch): its tasks are parked and revived when
+their records come back, and their events go out in a later transaction. A fenced lane's
+partition is left to its new owner. The core drops what a lane reports for an epoch gone
+by.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,8 +42,10 @@ from aiokafka.structs import OffsetAndMetadata
 
 from bridge.config import Config
 from bridge.core.book import Core, Partition
+from bridge.core.cadence import TransactionCadence
 from bridge.core.clock import Clock
 from bridge.core.facts import Publish
+from bridge.core.partitions import Planned
 from bridge.edges import kafka as kafka_io
 from bridge.edges.metrics import Metrics
 from bridge.shell.bounded import bounded
@@ -63,18 +71,32 @@ def _fenced(exc: BaseException) -> bool:
     return isinstance(exc, ProducerFenced) or isinstance(exc.__cause__, ProducerFenced)
 
 
+Queued = tuple[Publish, float]  # an event and when it was published (monotonic)
+
+
 class _Lane:
     """One input partition's producer and its open transaction, for one of its epochs."""
 
-    def __init__(self, part: Partition, epoch: int, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self, part: Partition, epoch: int, producer: AIOKafkaProducer, interval_s: float
+    ) -> None:
         self.part, self.epoch, self.producer = part, epoch, producer
-        self.queue: collections.deque[Publish] = collections.deque()  # not sent yet
+        self.queue: collections.deque[Queued] = collections.deque()  # not sent yet
         self.sent: list[tuple[Publish, asyncio.Future[Any] | None]] = []  # in the transaction
         self.open = False  # a transaction is begun
         self.failure: BaseException | None = None  # a send into it failed
         self.lock = asyncio.Lock()  # sending and committing take turns
         self.wake = asyncio.Event()
         self.feeder: asyncio.Task[None] | None = None
+        self.cadence = TransactionCadence(interval_s)
+        self.oldest: float | None = None  # the oldest event not in a closing transaction
+        self.timer: asyncio.TimerHandle | None = None  # closes the transaction when due
+        self.idle_until = 0.0  # a commit found nothing to send: the next one not before
+        # The group's offset for the partition as read at the start (without one: where it
+        # starts) or committed here: what the group joins each transaction with. None: not
+        # known for sure.
+        self.committed: tuple[int, str] | None = None
+        self.joining: asyncio.Future[None] | None = None  # the group joining the transaction
 
 
 class ExactlyOnce:
@@ -102,7 +124,7 @@ class ExactlyOnce:
             lambda tid: kafka_io.make_producer(config.kafka, transactional_id=tid)
         )
         self._lanes: dict[Partition, _Lane] = {}
-        self._waiting: dict[Partition, list[Publish]] = {}  # for a partition without a lane
+        self._waiting: dict[Partition, list[Queued]] = {}  # for a partition without a lane
         self._busy: dict[Partition, asyncio.Task[None]] = {}  # a commit under way
         self._missing: frozenset[str] = frozenset()  # topics the brokers do not list
 
@@ -112,34 +134,47 @@ class ExactlyOnce:
         """Initialise each new partition's transactional id first: it fences the previous
         owner and aborts what it left open, before the committed offset is read."""
         await self._open(partitions)
-        return await read_starts(self._consumer, partitions, self._config.kafka)
+        starts = await read_starts(self._consumer, partitions, self._config.kafka)
+        for part, (offset, metadata) in starts.items():
+            lane = self._lanes.get(part)
+            if lane is not None:  # its id initialised first: nobody else commits it now
+                lane.committed = (offset, metadata) if offset is not None else None
+        return starts
 
     def publish(self, p: Publish) -> None:
         assert p.partition is not None, "exactly-once records name their input partition"
+        now = self._clock.monotonic()
         lane = self._lanes.get(p.partition)
         if lane is None:
-            self._waiting.setdefault(p.partition, []).append(p)
+            self._waiting.setdefault(p.partition, []).append((p, now))
         else:
-            lane.queue.append(p)
+            lane.queue.append((p, now))
+            if lane.oldest is None:
+                lane.oldest = now
+                self._schedule(lane)
             lane.wake.set()
         self._count_pending()
 
     async def commit(self, only: set[Partition] | None = None) -> None:
         """Commit each partition's transaction (its offset added), each in its own task: a
         commit is never cancelled half way (a caller's time limit only stops the waiting).
-        Only a partition active here has its id initialised (a lane that could not start
-        is tried again): initialising another's would fence its owner."""
+        The periodic commit (``only`` None) leaves a transaction with events to its own
+        deadline, unless it is overdue. Only a partition active here has its id initialised
+        (a lane that could not start is tried again): initialising another's would fence
+        its owner."""
         active = self._core.active_partitions()
         parts = set(active) | set(self._lanes) | set(self._waiting)
         if only is not None:
             parts &= only
         await self._open({p for p in parts if p in active})
+        now = self._clock.monotonic()
         for part in sorted(parts):
             lane = self._lanes.get(part)
-            if lane is not None and part not in self._busy:
-                task = asyncio.create_task(self._commit(lane), name=f"txn-{part[1]}")
-                self._busy[part] = task
-                task.add_done_callback(functools.partial(self._done, part))
+            if lane is None:
+                continue
+            if only is None and lane.oldest is not None and lane.cadence.due(lane.oldest) > now:
+                continue
+            self._start_commit(lane, now)
         running = [self._busy[p] for p in parts if p in self._busy]
         if running:
             await asyncio.wait(running, timeout=TRANSACTION_TIMEOUT_S)
@@ -148,7 +183,7 @@ class ExactlyOnce:
         """The partitions' last transactions, then their producers are stopped."""
         with contextlib.suppress(TimeoutError):  # what is uncommitted is the next owner's
             await bounded(
-                self.commit(only=partitions),
+                self._commit_all(partitions),
                 timeout,
                 "the last transactions of partitions leaving this member",
             )
@@ -167,6 +202,14 @@ class ExactlyOnce:
         await asyncio.gather(*(self._stop(lane) for lane in lanes))
         self._count_pending()
 
+    async def _commit_all(self, partitions: set[Partition]) -> None:
+        """Commit what is finished of ``partitions``: a commit under way (a transaction
+        closed by its deadline) leaves what was built meanwhile to one more."""
+        busy = partitions & set(self._busy)
+        await self.commit(only=partitions)
+        if busy:
+            await self.commit(only=busy)
+
     def hold_topics(self, missing: frozenset[str]) -> None:
         self._missing = missing
         if not missing:
@@ -177,6 +220,7 @@ class ExactlyOnce:
         for task in list(self._busy.values()):
             task.cancel()
         for lane in self._lanes.values():
+            self._stop_timer(lane)
             if lane.feeder is not None:
                 lane.feeder.cancel()
 
@@ -202,8 +246,13 @@ class ExactlyOnce:
         if self._core.epoch(part) != epoch or part in self._lanes:
             await self._stop_producer(producer)  # the partition moved on meanwhile
             return
-        lane = self._lanes[part] = _Lane(part, epoch, producer)
+        lane = self._lanes[part] = _Lane(
+            part, epoch, producer, self._config.kafka.commit_interval_s
+        )
         lane.queue.extend(self._waiting.pop(part, ()))
+        if lane.queue:
+            lane.oldest = lane.queue[0][1]
+            self._schedule(lane)
         lane.feeder = asyncio.create_task(self._feed(lane), name=f"txn-feed-{part[1]}")
         lane.wake.set()
 
@@ -211,12 +260,14 @@ class ExactlyOnce:
         """Forget a lane whose producer cannot go on; stopped in the background."""
         if self._lanes.get(lane.part) is lane:
             del self._lanes[lane.part]
+        self._stop_timer(lane)
         if lane.feeder is not None:
             lane.feeder.cancel()
         stopping = asyncio.ensure_future(lane.producer.stop())
         stopping.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _stop(self, lane: _Lane) -> None:
+        self._stop_timer(lane)
         if lane.feeder is not None:
             lane.feeder.cancel()
         await self._stop_producer(lane.producer)
@@ -245,13 +296,14 @@ class ExactlyOnce:
 
     async def _send_queued(self, lane: _Lane) -> None:
         while lane.queue and lane.failure is None:
-            if lane.queue[0].record.topic in self._missing:
+            if lane.queue[0][0].record.topic in self._missing:
                 return
             try:
                 if not lane.open:
                     await lane.producer.begin_transaction()
                     lane.open = True
-                p = lane.queue.popleft()
+                    self._join(lane)
+                p, _ = lane.queue.popleft()
                 lane.sent.append((p, await self._send(lane.producer, p)))
             except Exception as exc:  # the commit aborts and restarts the partition
                 lane.failure = exc
@@ -274,49 +326,121 @@ class ExactlyOnce:
 
     # --- committing ----------------------------------------------------------------------
 
-    def _done(self, part: Partition, task: asyncio.Task[None]) -> None:
-        self._busy.pop(part, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("transaction failed", partition=part[1], exc_info=task.exception())
+    def _schedule(self, lane: _Lane) -> None:
+        """Close the lane's transaction when its oldest event is due (a commit under way
+        schedules the next one when it ends)."""
+        self._stop_timer(lane)
+        if lane.oldest is None or lane.part in self._busy or self._lanes.get(lane.part) is not lane:
+            return
+        due = max(lane.cadence.due(lane.oldest), lane.idle_until)
+        delay = max(0.0, due - self._clock.monotonic())
+        lane.timer = asyncio.get_running_loop().call_later(delay, self._close, lane, due)
 
-    async def _commit(self, lane: _Lane) -> None:
+    @staticmethod
+    def _stop_timer(lane: _Lane) -> None:
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+
+    def _close(self, lane: _Lane, due: float) -> None:
+        lane.timer = None
+        if self._lanes.get(lane.part) is lane:
+            self._start_commit(lane, due)
+
+    def _start_commit(self, lane: _Lane, due: float) -> None:
+        """Commit the lane's transaction in a task of its own; ``due``: when it should have
+        started, which the commit's measured duration counts from."""
+        part = lane.part
+        if part in self._busy:
+            return
+        self._stop_timer(lane)
+        task = asyncio.create_task(self._commit(lane, due), name=f"txn-{part[1]}")
+        self._busy[part] = task
+        task.add_done_callback(functools.partial(self._done, lane))
+
+    def _done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+        if self._busy.get(lane.part) is task:
+            del self._busy[lane.part]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("transaction failed", partition=lane.part[1], exc_info=task.exception())
+        if not task.cancelled():
+            self._schedule(lane)  # the events built while it committed
+
+    def _join(self, lane: _Lane) -> None:
+        """The group joins the transaction just begun, with the offset it has committed:
+        its commit then sends the new offset alone (one round trip less, each one several
+        turns of a busy event loop). Committing the same offset again changes nothing."""
+        if lane.committed is None:
+            return
+        offsets = {TopicPartition(*lane.part): OffsetAndMetadata(*lane.committed)}
+        joining = asyncio.ensure_future(
+            lane.producer.send_offsets_to_transaction(offsets, self._config.kafka.group_id)
+        )
+        joining.add_done_callback(_retrieve)  # raised at the commit, or moot after an abort
+        lane.joining = joining
+
+    async def _commit(self, lane: _Lane, due: float) -> None:
         core, part, metrics = self._core, lane.part, self._metrics
         async with lane.lock:
             await self._send_queued(lane)
+            # The transaction closes: what is built from now on waits for the next one.
+            lane.oldest = lane.queue[0][1] if lane.queue else None
             tickets = [p.ticket for p, _ in lane.sent]
             plan = core.transaction_plan(part, tickets)
             if not lane.sent and plan is None and lane.failure is None:
+                if lane.queue:  # its events wait for a topic: not again at once
+                    lane.idle_until = self._clock.monotonic() + lane.cadence.interval
                 return
             sent, lane.sent = lane.sent, []
+            joining, lane.joining = lane.joining, None
             try:
                 if lane.failure is not None:
                     raise _Failed from lane.failure
                 if not lane.open:
                     await lane.producer.begin_transaction()
                     lane.open = True
-                if plan is not None:
-                    offsets = {
-                        TopicPartition(*part): OffsetAndMetadata(plan.position, plan.metadata)
-                    }
-                    await lane.producer.send_offsets_to_transaction(
-                        offsets, self._config.kafka.group_id
-                    )
-                await asyncio.wait_for(lane.producer.commit_transaction(), TRANSACTION_TIMEOUT_S)
-                await asyncio.gather(*(f for _, f in sent if f is not None))
+                async with asyncio.timeout(TRANSACTION_TIMEOUT_S):  # no task (wait_for): no turn
+                    if joining is not None:
+                        await joining
+                    await self._end(lane, plan)
+                at = self._clock.read()
+                _check(sent)
             # IllegalOperation: the producer left the transaction after an error of its own.
             except (KafkaError, TimeoutError, IllegalOperation, _Failed) as exc:
+                lane.committed = None  # read again when the partition restarts
                 _settle(sent, False)
                 await self._failed(lane, exc)
                 return
             finally:
                 lane.open = False
                 self._count_pending()
+        lane.cadence.committed(due, at.mono)
+        if plan is not None:
+            lane.committed = (plan.position, plan.metadata)
         metrics.transactions.labels("committed").inc()
         _settle(sent, True)
-        at = self._clock.read()
         planned = {part: plan} if plan is not None else {}
         self._effects.apply(core.transaction_committed(tickets, planned, at))
         metrics.commits.inc()
+
+    async def _end(self, lane: _Lane, plan: Planned | None) -> None:
+        """Commit the open transaction with ``plan``'s offset. The offset and the end go to
+        the producer together: its sender commits a transaction's pending offsets before
+        it ends it, and ends it only if they were committed, so the end waits for no turn
+        of this coroutine in between."""
+        producer = lane.producer
+        sending: asyncio.Future[None] | None = None
+        if plan is not None:
+            offsets = {TopicPartition(*lane.part): OffsetAndMetadata(plan.position, plan.metadata)}
+            handing = producer.send_offsets_to_transaction(offsets, self._config.kafka.group_id)
+            sending = asyncio.ensure_future(handing)
+            sending.add_done_callback(_retrieve)  # raised below, unless the commit fails first
+            await asyncio.sleep(0)  # its first step hands the offset to the producer
+            if sending.done() or inspect.getcoroutinestate(handing) == inspect.CORO_CREATED:
+                await sending  # refused (or not handed over yet): nothing ends without it
+        await producer.commit_transaction()
+        if sending is not None:
+            await sending  # done by now: the end came after it
 
     async def _failed(self, lane: _Lane, exc: BaseException) -> None:
         part, metrics = lane.part, self._metrics
@@ -343,12 +467,26 @@ class ExactlyOnce:
 
     async def _abort(self, lane: _Lane) -> None:
         lane.queue.clear()
+        lane.oldest = None
         lane.failure = None
         try:
             if lane.open:
                 await asyncio.wait_for(lane.producer.abort_transaction(), TRANSACTION_TIMEOUT_S)
         except Exception:  # the producer is unusable: a new one aborts on the broker side
             self._drop(lane)
+
+
+def _check(sent: list[tuple[Publish, asyncio.Future[Any] | None]]) -> None:
+    """Raise what a record's send failed with. Each is done once its transaction
+    committed (the producer flushes them first), so this waits for no turn of the loop."""
+    for _, f in sent:
+        if f is not None and f.done() and not f.cancelled() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
+
+
+def _retrieve(f: asyncio.Future[None]) -> None:
+    if not f.cancelled():
+        f.exception()
 
 
 def _settle(sent: list[tuple[Publish, asyncio.Future[Any] | None]], delivered: bool) -> None:
