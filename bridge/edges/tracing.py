@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -49,12 +50,16 @@ from bridge.core.tasks import Task
 from bridge.core.tracecontext import Trace
 
 if TYPE_CHECKING:  # the SDK is imported only when tracing is on
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 SYSTEM = "kafka"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+_NO_STATE = TraceState()  # immutable: one for every context without a tracestate
 
 
 def _context(t: Trace | None) -> Context | None:
@@ -67,9 +72,55 @@ def _context(t: Trace | None) -> Context | None:
         span_id,
         is_remote=True,
         trace_flags=TraceFlags(flags),
-        trace_state=TraceState.from_header([state]) if state else TraceState(),
+        trace_state=TraceState.from_header([state]) if state else _NO_STATE,
     )
     return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+# The BatchSpanProcessor's defaults the bridge sets, unless OTEL_BSP_MAX_QUEUE_SIZE or
+# OTEL_BSP_MAX_EXPORT_BATCH_SIZE is set: batches of 2,048 spans (fewer OTLP requests, each a
+# few hundred KB) and room for four of them, so a burst at full sampling is not dropped.
+BSP_MAX_QUEUE_SIZE = 8192
+BSP_MAX_EXPORT_BATCH_SIZE = 2048
+
+
+def _processor(exporter: SpanExporter) -> BatchSpanProcessor:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    if {"OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"} & os.environ.keys():
+        return BatchSpanProcessor(exporter)  # the user's, as the SDK reads them
+    return BatchSpanProcessor(
+        exporter,
+        max_queue_size=BSP_MAX_QUEUE_SIZE,
+        max_export_batch_size=BSP_MAX_EXPORT_BATCH_SIZE,
+    )
+
+
+def _resource(name: str) -> Resource:
+    """The SDK's resource (``OTEL_RESOURCE_ATTRIBUTES``, the service name, the SDK's own),
+    hashed once: the OTLP encoder looks every span's resource up in a dict, and the SDK's
+    ``Resource.__hash__`` dumps its attributes as JSON each time (~3 µs a span)."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    class _HashedOnce(Resource):
+        def __init__(self, resource: Resource) -> None:
+            super().__init__(resource.attributes, resource.schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+    return _HashedOnce(Resource.create({SERVICE_NAME: name}))
+
+
+class Poll:
+    """A result poll under way for a recorded task: its CLIENT span is made when the answer
+    is known (``Tracing.polled``), with its start time and every attribute at once."""
+
+    __slots__ = ("start", "task")
+
+    def __init__(self, task: Task, start: int) -> None:
+        self.task, self.start = task, start
 
 
 def _parent_based(provider: TracerProvider) -> bool:
@@ -114,13 +165,11 @@ class Tracing:
         if not config.tracing.enabled:
             return cls(None, **names)
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         name = os.environ.get("OTEL_SERVICE_NAME") or "wavespeed-bridge"
-        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))  # sampler: env
-        provider.add_span_processor(BatchSpanProcessor(exporter or OTLPSpanExporter()))
+        provider = TracerProvider(resource=_resource(name))  # sampler: env
+        provider.add_span_processor(_processor(exporter or OTLPSpanExporter()))
         return cls(provider, **names)
 
     def shutdown(self) -> None:
@@ -141,28 +190,38 @@ class Tracing:
         leaves out costs its later polls and its send one bit test each, and no span."""
         name = f"process {self._input}"
         t = task.trace
-        if t is not None and not self._samples(t, name):
-            return  # the input's context goes on, unrecorded
-        span = self._t.start_span(name, context=_context(t), kind=SpanKind.CONSUMER)
-        if t is None:
-            t = _packed(span)
-        if span.is_recording():  # attributes only for spans kept: a few µs each
-            span.set_attributes(
-                {
-                    "messaging.system": SYSTEM,
-                    "messaging.operation.type": "process",
-                    "messaging.operation.name": "process",
-                    "messaging.destination.name": self._input,
-                    "messaging.destination.partition.id": str(partition),
-                    "messaging.kafka.offset": offset,
-                    "messaging.consumer.group.name": self._group,
-                    "wavespeed.task.id": task.task_id,
-                    "wavespeed.model": task.model or "",
-                }
+        if t is not None:
+            if not self._samples(t, name):
+                return  # the input's context goes on, unrecorded
+            # Kept: the attributes go in with the span (cheaper than set after).
+            span = self._t.start_span(
+                name,
+                context=_context(t),
+                kind=SpanKind.CONSUMER,
+                attributes=self._consumed_attributes(task, partition, offset),
             )
+        else:  # a new trace: the sampler decides in start_span, attributes only if kept
+            span = self._t.start_span(name, kind=SpanKind.CONSUMER)
+            t = _packed(span)
+            if span.is_recording():
+                span.set_attributes(self._consumed_attributes(task, partition, offset))
+        if span.is_recording():
             t = tracecontext.mark_recorded(t)
         task.trace = t
         span.end()
+
+    def _consumed_attributes(self, task: Task, partition: int, offset: int) -> dict[str, str | int]:
+        return {
+            "messaging.system": SYSTEM,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": self._input,
+            "messaging.destination.partition.id": str(partition),
+            "messaging.kafka.offset": offset,
+            "messaging.consumer.group.name": self._group,
+            "wavespeed.task.id": task.task_id,
+            "wavespeed.model": task.model or "",
+        }
 
     def _samples(self, t: Trace, name: str) -> bool:
         """The sampler's decision for a task that came with context ``t``, taken without
@@ -176,29 +235,36 @@ class Tracing:
         decision = sampler.should_sample(None, trace_id, name, SpanKind.CONSUMER)
         return decision.decision is self._record_and_sample
 
-    def poll(self, task: Task) -> Span | None:
-        """Start the CLIENT span of one result poll (None for a task not recorded);
-        :meth:`polled` ends it."""
+    def poll(self, task: Task) -> Poll | None:
+        """Start timing the CLIENT span of one result poll (None for a task not recorded);
+        :meth:`polled` makes and ends it."""
         if not tracecontext.recorded(task.trace):
             return None
-        span = self._t.start_span("GET", context=_context(task.trace), kind=SpanKind.CLIENT)
-        span.set_attributes(
-            {
-                "http.request.method": "GET",
-                "server.address": self._api_host,
-                "server.port": self._api_port,
-                "wavespeed.task.id": task.task_id,
-            }
-        )
-        return span
+        return Poll(task, time.time_ns())
 
-    @staticmethod
-    def polled(span: Span, outcome: Outcome) -> None:
+    def polled(self, poll: Poll, outcome: Outcome) -> None:
+        """The poll's span, made whole at once: every attribute at its creation (no
+        ``set_attribute`` calls), started when the poll was and ended now."""
+        task = poll.task
+        attributes: dict[str, str | int] = {
+            "http.request.method": "GET",
+            "server.address": self._api_host,
+            "server.port": self._api_port,
+            "wavespeed.task.id": task.task_id,
+        }
         if outcome.status_code is not None:
-            span.set_attribute("http.response.status_code", outcome.status_code)
-        span.set_attribute("wavespeed.outcome", outcome.kind.value)
+            attributes["http.response.status_code"] = outcome.status_code
+        attributes["wavespeed.outcome"] = outcome.kind.value
         if outcome.error is not None:  # no usable answer: the HTTP conventions' error.type
-            span.set_attribute("error.type", outcome.error.value)
+            attributes["error.type"] = outcome.error.value
+        span = self._t.start_span(
+            "GET",
+            context=_context(task.trace),
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=poll.start,
+        )
+        if outcome.error is not None:
             span.set_status(Status(StatusCode.ERROR, outcome.reason[:200]))
         span.end()
 
