@@ -48,7 +48,7 @@ from bench.throughput.pollers import BridgeProc
 from bench.throughput.scenarios import sustained as sustained_scenario
 from bench.throughput.scenarios.ceilings import ceilings
 from bench.throughput.settings import Settings
-from bench.throughput.stack import BRIDGE_CORE, RESULTS, ROOT, SIM_CORE, Stack, say
+from bench.throughput.stack import BRIDGE_CORE, ROOT, SIM_CORE, Stack, publish_md, say
 from bridge.local.jaeger import Jaeger, start_jaeger
 
 TRACING_1PCT = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
@@ -487,12 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         (workdir / "results.json").write_text(json.dumps(saved, indent=1, default=str))
     md = report(saved["results"], workdir, saved["elapsed"], saved["command"])
-    if a.no_write:
-        print(md)
-    else:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "cost.md").write_text(md)
-        say(f"wrote {RESULTS / 'cost.md'}")
+    publish_md(md, "cost.md", print_only=a.no_write)
     say(f"done in {saved['elapsed'] / 60:.1f} min")
     return 0
 

@@ -37,7 +37,7 @@ from bench.throughput.feeding import Feeder, Spec
 from bench.throughput.pollers import BridgeProc, bridge_config
 from bench.throughput.scenarios.sustained import sustained
 from bench.throughput.settings import Settings
-from bench.throughput.stack import RESULTS, SIM_CORE, P, Stack, Topics, say
+from bench.throughput.stack import SIM_CORE, P, Stack, Topics, publish_md, say
 
 MODES = ("at_least_once", "exactly_once")
 COMMIT_INTERVAL_S = 1.0  # the default kafka.commit_interval_s, as the bridge runs it
@@ -203,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run(s, workdir, a.repeats, a.tasks, a.paced))
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     md = report(results, time.monotonic() - t0)
-    if a.no_write:
-        print(md)
-    else:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "delivery.md").write_text(md)
-        say(f"wrote {RESULTS / 'delivery.md'}")
+    publish_md(md, "delivery.md", print_only=a.no_write)
     return 0
 
 

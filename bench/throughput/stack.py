@@ -48,6 +48,16 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def publish_md(md: str, name: str, *, print_only: bool) -> None:
+    """A benchmark's report: printed (``--no-write``), or written to bench/results/``name``."""
+    if print_only:
+        print(md)
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(md)
+    say(f"wrote {RESULTS / name}")
+
+
 def terminate(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     if process.poll() is not None:
         return
