@@ -306,6 +306,43 @@ def test_tracing_is_off_by_default_and_then_makes_no_spans() -> None:
     assert not Tracing.start(config).enabled
 
 
+def test_a_new_trace_is_sampled_before_any_span_and_a_kept_one_has_the_id_sampled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tasks that came without a context, through ``Tracing.start`` (its id generator):
+    the dropped ones make no span, the kept ones' span is in the trace the task carries."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    config = build_config({"kafka": {"input_topic": T}, "tracing": {"enabled": True}}, env={})
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.start(config, exporter)
+    clock = ManualClock()
+    core: Core = make(clock)
+    tasks = []
+    for offset in range(400):
+        (fact, *_) = core.on_record(rec_plain(offset), clock.read())
+        assert isinstance(fact, Consumed)
+        tracing.consumed(fact.task, fact.partition, fact.offset)
+        tasks.append(fact.task)
+    tracing.shutdown()  # the batch exported
+    spans = {s.context.trace_id: s for s in exporter.get_finished_spans()}
+    kept = [t for t in tasks if t.trace is not None and tracecontext.recorded(t.trace)]
+    assert 60 <= len(kept) <= 140  # a quarter of 400, give or take the dice
+    assert len(spans) == len(kept)  # no span for a task left out
+    for t in tasks:
+        assert t.trace is not None
+        trace_id, span_id, flags, _ = tracecontext.unpack(t.trace)
+        if t in kept:  # the span is the one the task's context names
+            assert spans[trace_id].context.span_id == span_id
+            assert flags == int(spans[trace_id].context.trace_flags)
+        else:  # the flags a dropped root span has: a random id, not sampled
+            assert trace_id not in spans and flags == 2 and trace_id and span_id
+
+
+def rec_plain(offset: int) -> Record:
+    return Record(T, 0, offset, None, f"task-{offset}".encode(), (), None)
+
+
 # --- exemplars ---------------------------------------------------------------------------
 
 
