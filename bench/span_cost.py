@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from bench.throughput.stack import publish_md
 from bridge.config import build_config
 from bridge.core import tracecontext
 from bridge.core.events import OutputRecord
@@ -205,6 +206,7 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=1, help="poll spans per task")
     parser.add_argument("--rate", type=float, default=2_000.0, help="tasks a second")
     parser.add_argument("--profile", choices=list(SETTINGS))
+    parser.add_argument("--no-write", action="store_true", help="print, do not write")
     args = parser.parse_args()
     with receiver() as endpoint:
         if args.profile:
@@ -215,19 +217,23 @@ def main() -> None:
             for name in SETTINGS:
                 results[name].append(measure(name, endpoint, args.tasks, args.polls, args.rate))
     spans = 2 + args.polls
-    print(
-        f"{args.tasks} tasks a round, {spans} spans a task ({args.polls} poll), "
-        f"~{args.rate:.0f} tasks/s, median of {args.rounds} rounds; CPU of the process "
-        "(every thread) per task\n"
-    )
-    print("| tracing | CPU per task | rounds (µs) | per span kept, over off |")
-    print("|---|---|---|---|")
+    lines = [
+        "# What a span costs (issue 20)",
+        "",
+        f"`python -m bench.span_cost`, {time.strftime('%Y-%m-%d %H:%M')}: {args.tasks} tasks a"
+        f" round, {spans} spans a task ({args.polls} poll), ~{args.rate:.0f} tasks/s, median of"
+        f" {args.rounds} rounds; CPU of the process (every thread) per task.",
+        "",
+        "| tracing | CPU per task | rounds (µs) | per span kept, over off |",
+        "|---|---|---|---|",
+    ]
     for name, values in results.items():
         median = statistics.median(values)
         rounds = ", ".join(f"{v * 1e6:.0f}" for v in values)
         over = (median - statistics.median(results["off"])) * 1e6 / spans
         per_span = f"{over:.1f} µs" if name == "on, all sampled" else "-"
-        print(f"| {name} | {median * 1e6:.1f} µs | {rounds} | {per_span} |")
+        lines.append(f"| {name} | {median * 1e6:.1f} µs | {rounds} | {per_span} |")
+    publish_md("\n".join(lines) + "\n", "span_cost.md", print_only=args.no_write)
 
 
 if __name__ == "__main__":
