@@ -53,6 +53,7 @@ from tests.helpers import (
     read_all,
     running_bridge,
     scrape,
+    scrape_until,
     sim_create,
 )
 
@@ -1014,7 +1015,12 @@ async def test_every_queried_metric_is_exported(
     async with running_bridge(config) as bridge:
         sim.set_faults(rate_429=1.0, retry_after_s=1)
         await produce(broker.bootstrap, names.input, [*ok, bad[0], "bad id!"])
-        await produce(broker.bootstrap, names.input, [{"id": slow[0], "timeout_s": 1}])
+        await produce(broker.bootstrap, names.input, [{"id": slow[0], "timeout_s": 5}])
+        # The per-tenant gauges exist while a tenant has tasks (the slow one's 5 s): sampled
+        # every commit interval, so waited for, and kept with the end's series.
+        busy = await scrape_until(
+            bridge.server.port, lambda t: "wavespeed_bridge_tenant_tasks_in_flight{" in t
+        )
         for _ in range(100):
             now = await scrape(bridge.server.port)
             if metric_value(now, "wavespeed_bridge_api_rate_limited_total"):
@@ -1024,6 +1030,8 @@ async def test_every_queried_metric_is_exported(
         await read_all(broker.bootstrap, names.outputs, expect=6, timeout=30)
         text = await scrape(bridge.server.port)
     series = exported_series(text)
+    for name, labels in exported_series(busy).items():
+        series.setdefault(name, set()).update(labels)
     assert metric_value(text, "wavespeed_bridge_tasks_finished_total", outcome="timeout") == 1
     problems = []
     for where, expr in queries:
