@@ -35,7 +35,7 @@ from bridge.core.outcomes import TERMINAL, Kind, Outcome, Prediction
 from bridge.core.partitions import Partitions, Phase, Planned, Take
 from bridge.core.policy import PollPolicy, clamp_to_deadline, overdue, request_limit, retry_delay
 from bridge.core.scheduler import FairPools, Scheduler, TokenBucket
-from bridge.core.tasks import State, Task
+from bridge.core.tasks import Shared, State, Task
 from bridge.core.tenants import TenantKey, Weights
 from bridge.core.webhook_policy import WebhookAware
 
@@ -45,7 +45,7 @@ SHARED_BURST_S = 0.2
 # How often polls waiting for a slot, the budget or a pause are checked for passed deadlines.
 SWEEP_INTERVAL_S = 0.25
 SWEEP_CHECKS_PER_S = 4_000  # a backlog of 20,000 polls: walked every 5 s
-# Model names shared by the tasks of each (past this many, names are no longer shared).
+# Model names shared by the tasks of each (a table of this many, cleared when full).
 MAX_SHARED_NAMES = 4096
 
 
@@ -115,7 +115,7 @@ class Core:
         self._active_weight = 0.0  # the weights of tenants with tasks in flight or held
         self._partitions: Partitions[Partition] = Partitions(config.kafka.offset_metadata_max_bytes)
         self._active: dict[str, Task] = {}  # polling or parked, by task id
-        self._names: dict[str, str] = {}  # model names, shared by their tasks
+        self._names: Shared[str] = Shared(MAX_SHARED_NAMES)  # model names
         self._unacked: dict[int, _EventOut | _DeadLetterOut] = {}  # by ticket
         self._states: collections.Counter[State] = collections.Counter()  # tasks per state
         self._tickets = itertools.count()
@@ -864,16 +864,8 @@ class Core:
         task.prediction = prediction
 
     def _shared_name(self, name: str | None) -> str | None:
-        """One copy of a model's name for all its tasks, not one per input record; a
-        bounded table, so a flood of distinct names only stops the sharing."""
-        if name is None:
-            return None
-        shared = self._names.get(name)
-        if shared is None:
-            if len(self._names) >= MAX_SHARED_NAMES:
-                return name
-            shared = self._names[name] = name
-        return shared
+        """One copy of a model's name for all its tasks, not one per input record."""
+        return None if name is None else self._names(name)
 
     def _move(self, task: Task, state: State) -> None:
         """Change a task's state, keeping the counts per state (in_flight, parked) exact."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
-from typing import Any, cast
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 from bridge.core.events import rfc3339
 from bridge.core.messages import Headers
@@ -12,6 +13,7 @@ from bridge.core.outcomes import Prediction
 from bridge.core.tracecontext import Trace
 
 Origin = tuple[str, int, int]  # (topic, partition, offset) of an input record
+T = TypeVar("T", bound=Hashable)
 
 
 class State(enum.Enum):
@@ -24,44 +26,43 @@ class State(enum.Enum):
     __hash__ = object.__hash__
 
 
+class Shared(Generic[T]):
+    """One copy of equal values for all who hold one (a partition's name, a model's, an
+    answer's shape): a bounded table, cleared when full (the holders keep theirs), so a
+    flood of distinct values cannot grow it."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._table: dict[T, T] = {}
+
+    def __call__(self, value: T) -> T:
+        shared = self._table.get(value)
+        if shared is None:
+            if len(self._table) >= self._limit:
+                self._table.clear()
+            shared = self._table[value] = value
+        return shared
+
+
+@dataclass(frozen=True, slots=True)
 class _Shape:
     """What is left of a prediction once the task's own fields are set apart (its id, model
     and creation time are the task's): the same for most answers (a pending one, usually),
     so one instance serves every task with an answer of that shape."""
 
-    __slots__ = (
-        "created",
-        "error",
-        "has_id",
-        "has_model",
-        "inference_ms",
-        "nsfw",
-        "raw_derived",
-        "status",
-    )
-
-    def __init__(
-        self,
-        status: str | None,
-        error: str | None,
-        inference_ms: int | None,
-        has_id: bool,
-        has_model: bool,
-        nsfw: bool,
-        created: bool,
-        raw_derived: bool,
-    ) -> None:
-        self.status, self.error, self.inference_ms = status, error, inference_ms
-        self.has_id, self.has_model, self.nsfw, self.created = has_id, has_model, nsfw, created
-        self.raw_derived = raw_derived  # created_at as the API wrote it is rfc3339's
+    status: str | None
+    error: str | None
+    inference_ms: int | None
+    has_id: bool
+    has_model: bool
+    nsfw: bool
+    created: bool
+    raw_derived: bool  # created_at as the API wrote it is rfc3339's
 
 
-# The shapes in use; cleared when full (tasks keep theirs), so odd answers cannot grow it.
-_SHAPES: dict[tuple[object, ...], _Shape] = {}
-_MAX_SHAPES = 256
-# Input partitions as (topic, partition), one tuple each for all their tasks; cleared when full.
-_PARTS: dict[tuple[str, int], tuple[str, int]] = {}
-_MAX_PARTS = 4096
+_SHAPES: Shared[_Shape] = Shared(256)
+# Input partitions as (topic, partition), one tuple each for all their tasks.
+_PARTS: Shared[tuple[str, int]] = Shared(4096)
 
 
 class Task:
@@ -182,13 +183,8 @@ class Task:
             self._part, self._origins = None, several
             return
         topic, partition, offset = several[0]
-        part = (topic, partition)
-        shared = _PARTS.get(part)
-        if shared is None:
-            if len(_PARTS) >= _MAX_PARTS:
-                _PARTS.clear()
-            shared = _PARTS[part] = part
-        self._part, self._origins = shared, offset  # the offset: the same int offsets keeps
+        # The offset: the same int object the partition's offset tracking keeps.
+        self._part, self._origins = _PARTS((topic, partition)), offset
 
     def add_origin(self, origin: Origin) -> None:
         self.origins = (*self.origins, origin)
@@ -231,22 +227,18 @@ class Task:
         raw = p.created_at_raw
         # As the API wrote it, usually what rfc3339 writes: derived then, not kept.
         derived = raw is not None and p.created_at is not None and raw == rfc3339(p.created_at)
-        key = (
-            p.status,
-            p.error,
-            p.inference_ms,
-            p.id is not None,
-            p.model is not None,
-            p.has_nsfw_contents is not None,
-            p.created_at is not None,
-            derived,
+        self._prediction = _SHAPES(
+            _Shape(
+                p.status,
+                p.error,
+                p.inference_ms,
+                p.id is not None,
+                p.model is not None,
+                p.has_nsfw_contents is not None,
+                p.created_at is not None,
+                derived,
+            )
         )
-        shape = _SHAPES.get(key)
-        if shape is None:
-            if len(_SHAPES) >= _MAX_SHAPES:
-                _SHAPES.clear()
-            shape = _SHAPES[key] = _Shape(p.status, p.error, p.inference_ms, *key[3:])
-        self._prediction = shape
         self._created_raw = None if derived else raw
 
     def partitions(self) -> set[tuple[str, int]]:
