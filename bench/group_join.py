@@ -109,12 +109,13 @@ def spawn(code: Path, config: dict[str, Any], log: Path, secret: str) -> subproc
 
 
 def first_taken(log: Path) -> dict[int, float]:
-    """Unix time of the first ``task consumed`` line per input partition."""
+    """Unix time of the first ``tasks consumed`` line per input partition (``task consumed``,
+    one per task, in revisions before issue 22)."""
     out: dict[int, float] = {}
     for line in log.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
-            if entry.get("event") != "task consumed":
+            if entry.get("event") not in ("tasks consumed", "task consumed"):
                 continue
             at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
             part = int(entry["partition"])

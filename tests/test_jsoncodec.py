@@ -117,16 +117,25 @@ def test_outcome_id_is_uuid5(source: str, task_id: str, kind: str) -> None:
     assert events.outcome_id(source, task_id, kind) == expected
 
 
-def test_the_bridge_runs_without_orjson_installed() -> None:
-    """An interpreter where ``import orjson`` fails: the codec, events and logs still work."""
+def test_the_bridge_runs_without_the_fast_extra_installed() -> None:
+    """An interpreter where ``import orjson`` and ``import murmurhash2`` fail (the ``fast``
+    extra missing): the codec, events and logs still work, and the producer's partitioner
+    falls back to aiokafka's with the same answers."""
     import subprocess
     import sys
 
     script = """
 import io, sys
-sys.modules["orjson"] = None  # what a missing package looks like to import
+sys.modules["orjson"] = sys.modules["murmurhash2"] = None  # a missing package, to import
+from aiokafka.partitioner import DefaultPartitioner
 from bridge.core import events, jsoncodec
-from bridge.edges import logs
+from bridge.edges import kafka, logs
+partitioner = kafka.KeyPartitioner()
+assert not partitioner.fast
+parts = [0, 1, 2, 3, 4]
+for n in range(200):
+    key = bytes(range(n % 256))[:n]
+    assert partitioner(key, parts, parts) == DefaultPartitioner()(key, parts, parts)
 import structlog
 assert jsoncodec.backend_in_use() == "stdlib" and jsoncodec.use(None) == "stdlib"
 out = io.StringIO()

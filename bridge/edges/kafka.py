@@ -7,7 +7,7 @@ without InitProducerId, such as Tansu); everything else is plain Kafka protocol.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -20,9 +20,16 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 
 from bridge.config import KafkaConfig, read_sasl_password
 from bridge.core.messages import Record
+
+_murmur2_c: Callable[[bytes, int], int] | None
+try:  # the optional `fast` extra (README "Dependencies")
+    from murmurhash2 import murmurhash2 as _murmur2_c
+except ImportError:  # tests/test_jsoncodec.py runs the bridge without it
+    _murmur2_c = None
 
 # Producer batches up to this size: aiokafka keeps one request in flight per broker, so
 # small batches cap events per round trip. Below the brokers' default message.max.bytes
@@ -112,8 +119,28 @@ async def seek_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition])
             consumer.seek(tp, offset)
 
 
+MURMUR2_SEED = 0x9747B28C  # the Java client's (org.apache.kafka.common.utils.Utils.murmur2)
+
+
+class KeyPartitioner:
+    """aiokafka's default partitioner (the Java client's: murmur2 of the key, a random
+    available partition for no key), with murmur2 from the ``murmurhash2`` package where it
+    is installed. aiokafka's murmur2 is pure Python, ~5 µs for a 32-byte key, once per
+    event; the package's gives the same hash in ~0.2 µs (tests/test_partitioner.py)."""
+
+    def __init__(self) -> None:
+        self._default = DefaultPartitioner()
+        self.fast = _murmur2_c is not None
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None or _murmur2_c is None:
+            return int(self._default(key, all_partitions, available))
+        return all_partitions[(_murmur2_c(key, MURMUR2_SEED) & 0x7FFFFFFF) % len(all_partitions)]
+
+
 def make_producer(config: KafkaConfig, transactional_id: str | None = None) -> AIOKafkaProducer:
     return AIOKafkaProducer(
+        partitioner=KeyPartitioner(),
         transactional_id=transactional_id,
         transaction_timeout_ms=config.transaction_timeout_ms,
         **client_options(config),

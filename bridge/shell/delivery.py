@@ -85,6 +85,10 @@ class Effects:
             for listener in self.listeners:
                 listener(effect)
 
+    def intake_batch_done(self) -> None:
+        """A fetch's records are all applied: what telemetry gathers per fetch is said."""
+        self._telemetry.intake_batch_done()
+
 
 async def read_starts(
     consumer: AIOKafkaConsumer, partitions: set[Partition], config: KafkaConfig

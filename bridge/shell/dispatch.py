@@ -55,7 +55,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         core, clock = self._core, self._clock
-        lateness = self._telemetry.metrics.poll_lateness
+        lateness = self._telemetry.poll_lateness
         while self.running:
             now = clock.monotonic()
             for task, due in core.take_due(now, self._limit - self._requests):

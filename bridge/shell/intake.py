@@ -70,6 +70,7 @@ class Intake:
             for messages in batch.values():
                 for msg in messages:
                     self._take(msg)
+            self._effects.intake_batch_done()
             if batch:
                 self._wake_dispatch()
                 # getmany does not wait while records are buffered: without a turn here, a
@@ -108,6 +109,7 @@ class Intake:
                 for messages in got.values():
                     for msg in messages:
                         self._take(msg)
+                self._effects.intake_batch_done()
         self._wake_dispatch()
 
     def _set_paused(self, pause: bool) -> None:
