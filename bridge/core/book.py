@@ -436,6 +436,7 @@ class Core:
         self._move(task, State.PUBLISHING)
         if self._webhooks is not None and kind != "timeout":
             self._webhooks.finished(task, task.delivered_wall)
+        origins = task.origins  # derived on each read (core.tasks): read once
         event = ev.build_event(
             kind=kind,
             task_id=task.task_id,
@@ -448,7 +449,7 @@ class Core:
             metadata=task.metadata,
             source=cfg.events.source,
             input_key=task.key,
-            origins=list(task.origins),
+            origins=list(origins),
             trace=task.trace,
             dataschema=cfg.events.dataschema or ev.DEFAULT_DATASCHEMA,
             retention_s=cfg.events.output_retention_s,
@@ -458,7 +459,7 @@ class Core:
         self._unacked[ticket] = _EventOut(task, kind, at)
         record = ev.event_record(topic, event, task.headers, mode)
         reduced = _reduced(event, topic, mode)
-        origin = (task.origins[0][0], task.origins[0][1]) if task.origins else None
+        origin = (origins[0][0], origins[0][1]) if origins else None
         published = Publish(ticket, record, reduced, origin, task.trace, task.model)
         return [facts.Finished(task, kind, reason), published]
 

@@ -75,6 +75,8 @@ def parse(value: bytes | None) -> int | None:
 def from_headers(headers: Headers) -> Trace | None:
     """The input's context: its ``traceparent`` header, or ``ce_traceparent`` when it is a
     binary-mode CloudEvent; with its ``tracestate`` when valid text."""
+    if not headers:
+        return None
     for parent_name, state_name in _HEADERS:
         found = {k.lower(): v for k, v in headers if k.lower() in (parent_name, state_name)}
         packed = parse(found.get(parent_name))

@@ -181,6 +181,7 @@ class Telemetry:
 
     def _finished(self, f: facts.Finished) -> None:
         t = f.task
+        origins = t.origins  # derived on each read (core.tasks): read once
         self._log.info(
             "task finished",
             task_id=t.task_id,
@@ -188,8 +189,8 @@ class Telemetry:
             outcome=f.kind,
             polls=t.polls,
             reason=f.reason,
-            partition=t.origins[0][1] if t.origins else None,
-            offset=t.origins[0][2] if t.origins else None,
+            partition=origins[0][1] if origins else None,
+            offset=origins[0][2] if origins else None,
             trace=t.trace,
         )
 
