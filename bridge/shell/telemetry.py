@@ -21,6 +21,7 @@ from bridge.core.book import Core
 from bridge.core.facts import Fact
 from bridge.core.outcomes import Kind, Outcome, status_class
 from bridge.core.tasks import Task
+from bridge.core.tracecontext import Trace
 from bridge.edges.metrics import Children, Metrics
 from bridge.edges.tracing import Tracing
 
@@ -44,7 +45,8 @@ class Telemetry:
         self._log = log.bind()
         self._debug = self._log.is_enabled_for(logging.DEBUG)
         self._api_up = -1  # what api_up was last set to
-        self._taken: dict[int, list[tuple[int, str]]] = {}  # partition -> (offset, task id)
+        # partition -> (offset, task id, trace) taken since the fetch began
+        self._taken: dict[int, list[tuple[int, str, Trace | None]]] = {}
         m = metrics
         m.in_flight.set_function(lambda: core.in_flight)
         self._consumed_n = Children(m.consumed, m.tallies)
@@ -114,7 +116,7 @@ class Telemetry:
         taken = self._taken.get(f.partition)
         if taken is None:
             taken = self._taken[f.partition] = []
-        taken.append((f.offset, f.task.task_id))
+        taken.append((f.offset, f.task.task_id, f.task.trace))
         if len(taken) >= TAKEN_LINE_MAX:
             self._say_taken(f.partition, taken)
             del self._taken[f.partition]
@@ -128,18 +130,22 @@ class Telemetry:
             self._say_taken(partition, taken)
         self._taken.clear()
 
-    def _say_taken(self, partition: int, taken: list[tuple[int, str]]) -> None:
+    def _say_taken(self, partition: int, taken: list[tuple[int, str, Trace | None]]) -> None:
         self._log.info(
             "tasks consumed",
             partition=partition,
             offsets=[taken[0][0], taken[-1][0]],
             count=len(taken),
-            task_ids=[task_id for _, task_id in taken],
+            task_ids=[task_id for _, task_id, _ in taken],
         )
         if self._debug:
-            for offset, task_id in taken:
+            for offset, task_id, trace in taken:
                 self._log.debug(
-                    "task consumed", task_id=task_id, partition=partition, offset=offset
+                    "task consumed",
+                    task_id=task_id,
+                    partition=partition,
+                    offset=offset,
+                    trace=trace,
                 )
 
     def _joined(self, f: facts.Joined) -> None:
