@@ -84,6 +84,14 @@ def _parent(span: dict[str, Any]) -> str | None:
     return next((r["spanID"] for r in span["references"] if r["refType"] == "CHILD_OF"), None)
 
 
+def per_task_lines(log: Path, task_id: str) -> list[dict[str, Any]]:
+    """The task's own log lines (``task finished``); its id is also in the ``tasks consumed``
+    line of its fetch, which lists ids and carries no trace (checked here too)."""
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    assert any(task_id in x.get("task_ids", ()) for x in lines if x["event"] == "tasks consumed")
+    return [x for x in lines if x.get("task_id") == task_id]
+
+
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 async def test_one_trace_from_the_producers_span_to_the_subscribers(
     broker: Broker, sim: Simulator, names: Names, tmp_path: Path, jaeger: Jaeger, delivery: str
@@ -187,11 +195,7 @@ async def test_one_trace_from_the_producers_span_to_the_subscribers(
     assert tags["messaging.consumer.group.name"] == names.group
     assert tags["wavespeed.task.id"] == task_id
     # Logs and metrics name the same trace.
-    logged = [
-        json.loads(line)
-        for line in (tmp_path / "daemon.log").read_text().splitlines()
-        if task_id in line and line.startswith("{")
-    ]
+    logged = per_task_lines(tmp_path / "daemon.log", task_id)
     assert logged and all(entry.get("trace_id") == trace_id for entry in logged)
     assert f'trace_id="{trace_id}"' in metrics
 
@@ -219,9 +223,5 @@ async def test_without_tracing_the_input_context_still_reaches_the_event(
     event = from_structured(message) if mode == "structured" else from_binary(message)
     assert event["subject"] == task_id
     assert (event["traceparent"], event["tracestate"]) == (parent, "congo=t61rcWkgMzE")
-    logged = [
-        json.loads(line)
-        for line in (tmp_path / "daemon.log").read_text().splitlines()
-        if task_id in line and line.startswith("{")
-    ]
+    logged = per_task_lines(tmp_path / "daemon.log", task_id)
     assert logged and all(e.get("trace_id") == "0af7651916cd43dd8448eb211c80319c" for e in logged)
