@@ -6,11 +6,12 @@ partition this member does not track. The partition decisions themselves are the
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.errors import IllegalOperation, ProducerFenced
+from aiokafka.errors import IllegalOperation, MessageSizeTooLargeError, ProducerFenced
 
 from bridge.config import Config, build_config
 from bridge.core.book import Core, Partition
@@ -158,6 +159,38 @@ async def test_a_transaction_commits_its_events_with_its_offset() -> None:
     assert s.made == [transactional_id(s.config, P)]
     assert producer.committed == 1 and s.transactions("committed") == 1
     assert s.core.publishing() == {} and s.core.open_records == 0
+    s.mode.close()
+
+
+class SizeLimitedProducer(Producer):
+    """Refuses a record over ``limit`` bytes at ``send``, as aiokafka does past its
+    ``max_request_size``; keeps the values it took."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.values: list[bytes] = []
+
+    async def send(self, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
+        if len(kwargs["value"]) > self.limit:
+            raise MessageSizeTooLargeError()
+        self.values.append(kwargs["value"])
+        return await super().send(*args, **kwargs)
+
+
+async def test_an_event_too_large_goes_out_reduced_and_one_that_fits_as_it_is() -> None:
+    s = Setup(producer := SizeLimitedProducer(limit=2000))
+    s.core.assign({P: (0, "")})
+    at = s.clock.read()
+    for offset, task_id, blob in [(0, "big", "x" * 3000), (1, "small", "y")]:
+        value = json.dumps({"id": task_id, "metadata": {"blob": blob}}).encode()
+        s.effects.apply(s.core.on_record(Record(T, 0, offset, b"k", value, (), None), at))
+        s.effects.apply(s.core.on_outcome(s.core.polling()[task_id], DONE, at))
+    await s.commit_due()
+    sent = {e["subject"]: e["data"] for e in map(json.loads, producer.values)}
+    assert sent["big"]["metadata"] is None  # the reduced form: what came from the input left
+    assert sent["small"]["metadata"] == {"blob": "y"}  # fits: sent as built
+    assert producer.committed == 1 and s.core.publishing() == {} and s.core.open_records == 0
     s.mode.close()
 
 

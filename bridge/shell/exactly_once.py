@@ -44,6 +44,7 @@ from bridge.config import Config
 from bridge.core.book import Core, Partition
 from bridge.core.cadence import TransactionCadence
 from bridge.core.clock import Clock
+from bridge.core.events import OutputRecord
 from bridge.core.facts import Publish
 from bridge.core.partitions import Planned
 from bridge.edges import kafka as kafka_io
@@ -118,6 +119,7 @@ class ExactlyOnce:
         self._consumer = consumer
         self._core, self._effects, self._clock = core, effects, clock
         self._config, self._metrics = config, metrics
+        metrics.events_pending.set_function(self._pending)
         self._restart = restart  # fetch the partition again from its committed offset
         self._fenced = fenced  # another member has the partition: watch for its return
         self._make_producer = make_producer or (
@@ -153,7 +155,6 @@ class ExactlyOnce:
                 lane.oldest = now
                 self._schedule(lane)
             lane.wake.set()
-        self._count_pending()
 
     async def commit(self, only: set[Partition] | None = None) -> None:
         """Commit each partition's transaction (its offset added), each in its own task: a
@@ -200,7 +201,6 @@ class ExactlyOnce:
         for part in partitions:
             self._waiting.pop(part, None)
         await asyncio.gather(*(self._stop(lane) for lane in lanes))
-        self._count_pending()
 
     async def _commit_all(self, partitions: set[Partition]) -> None:
         """Commit what is finished of ``partitions``: a commit under way (a transaction
@@ -279,11 +279,12 @@ class ExactlyOnce:
         with contextlib.suppress(Exception):
             await bounded(producer.stop(), STOP_TIMEOUT_S, "a transactional producer to stop")
 
-    def _count_pending(self) -> None:
-        pending = sum(len(w) for w in self._waiting.values()) + sum(
+    def _pending(self) -> int:
+        """Events not yet committed (``events_pending``, read at scrape time: summing every
+        lane on each publish cost ~3 µs a task)."""
+        return sum(len(w) for w in self._waiting.values()) + sum(
             len(lane.queue) + len(lane.sent) for lane in self._lanes.values()
         )
-        self._metrics.events_pending.set(pending)
 
     # --- sending into the open transaction ------------------------------------------------
 
@@ -312,9 +313,8 @@ class ExactlyOnce:
     async def _send(self, producer: AIOKafkaProducer, p: Publish) -> asyncio.Future[Any] | None:
         """Queue one record in the transaction; a record that can never be sent is replaced
         by its reduced form, else given up (its input offset moves on, as at least once)."""
-        for record in (p.record, p.reduced() if p.reduced is not None else None):
-            if record is None:
-                break
+        record: OutputRecord | None = p.record
+        while record is not None:
             try:
                 future: asyncio.Future[Any] = await producer.send(
                     record.topic, value=record.value, key=record.key, headers=record.headers
@@ -322,6 +322,8 @@ class ExactlyOnce:
                 return future
             except MessageSizeTooLargeError:
                 log.error("record cannot be published", topic=record.topic, error="too large")
+            # Built only now: encoding the reduced event for every record cost ~5 µs a task.
+            record = p.reduced() if record is p.record and p.reduced is not None else None
         return None
 
     # --- committing ----------------------------------------------------------------------
@@ -413,7 +415,6 @@ class ExactlyOnce:
                 return
             finally:
                 lane.open = False
-                self._count_pending()
         lane.cadence.committed(due, at.mono)
         if plan is not None:
             lane.committed = (plan.position, plan.metadata)
