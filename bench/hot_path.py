@@ -15,7 +15,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -23,7 +22,6 @@ from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from bench.throughput.stack import publish_md
-from bridge.core import messages
 from bridge.edges import logs
 from bridge.edges.kafka import KeyPartitioner
 from bridge.edges.metrics import Tallies
@@ -82,12 +80,6 @@ def pairs() -> list[Pair]:
     counter = Counter("c", "c", ["model"], registry=registry)
     h_child, c_child = histogram.labels("a"), counter.labels("a")
     h_tallied, c_tallied = tallies.of(histogram.labels("b")), tallies.of(counter.labels("b"))
-    created = "2026-12-07T19:48:54.123Z"
-    messages.parse_timestamp(created)  # remembered, as for the second parse of a task's
-
-    def parsed_by_datetime() -> float:
-        return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-
     return [
         Pair(
             "partition of an event's key (32 bytes)",
@@ -120,14 +112,6 @@ def pairs() -> list[Pair]:
             "Tallied, folded in bulk",
             c_child.inc,
             c_tallied.inc,
-        ),
-        Pair(
-            "an API `created_at` parsed",
-            2,
-            "datetime.fromisoformat + timestamp",
-            "seconds remembered",
-            parsed_by_datetime,
-            lambda: messages.parse_timestamp(created),
         ),
     ]
 

@@ -1,11 +1,8 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from bridge.core.messages import Rejected, TaskRequest, parse_task, parse_timestamp, task_path
@@ -106,25 +103,6 @@ def test_parse_timestamp() -> None:
     assert parse_timestamp(1704110400) == 1704110400.0
     for bad in ("2024-01-01T12:00:00", "yesterday", "", True, None, float("nan"), -5, [1]):
         assert parse_timestamp(bad) is None
-
-
-_TIMES = st.datetimes(
-    min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
-)
-_FORMS = st.sampled_from(["seconds", "milliseconds", "microseconds", "auto"])
-
-
-@given(st.lists(st.tuples(_TIMES, _FORMS, st.sampled_from(["Z", "+00:00", "z"])), max_size=20))
-def test_parse_timestamp_reads_what_datetime_reads_with_its_seconds_remembered(
-    times: list[tuple[datetime, str, str]],
-) -> None:
-    """The second parse of a second's text takes the remembered path: same answers."""
-    for when, form, zone in times * 2:
-        text = when.replace(tzinfo=None).isoformat(timespec=form) + zone
-        assert parse_timestamp(text) == datetime.fromisoformat(text.replace("z", "Z")).timestamp()
-    for text in ("2024-01-01T12:00+00:00", "2024-01-01T12:00+00Z", "2024-01-01T12:00:00.1Z"):
-        slow = parse_timestamp(text)
-        assert parse_timestamp(text) == slow  # a malformed neighbour never reads the cache
 
 
 @pytest.mark.parametrize(

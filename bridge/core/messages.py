@@ -85,9 +85,6 @@ def task_path(template: str, task_id: str) -> str:
 
 # What RFC 3339 can write: after the epoch, before the year 10000.
 _LAST_UNIX = 253402300799.999
-# Seconds' text (``2024-01-01T12:00:00``) of UTC times parsed before -> unix seconds.
-_ISO_SECONDS: dict[str, int] = {}
-_MAX_ISO_SECONDS = 4096
 _MAX_METADATA_DEPTH = 32
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -123,21 +120,6 @@ def parse_timestamp(value: Any) -> float | None:
         return number if number is not None and 0 < number <= _LAST_UNIX else None
     if not isinstance(value, str) or not value or len(value) > 64:
         return None
-    # The API's own form (``2024-01-01T12:00:00.000Z``, 3 or 6 fraction digits or none):
-    # the seconds' part is looked up, parsed once (~2 µs a parse, two per task).
-    seconds = _ISO_SECONDS.get(value[:19]) if value[-1:] == "Z" else None
-    if seconds is not None:
-        fraction = value[20:-1]
-        if not fraction and len(value) == 20:
-            return float(seconds)
-        if (
-            value[19] == "."
-            and len(fraction) in (3, 6)
-            and fraction.isdigit()
-            and fraction.isascii()
-        ):
-            # As datetime.timestamp() computes it: whole microseconds over 10**6.
-            return (seconds * 1_000_000 + int(fraction.ljust(6, "0"))) / 1_000_000
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -151,14 +133,7 @@ def parse_timestamp(value: Any) -> float | None:
         unix = parsed.timestamp()
     except (OverflowError, ValueError):
         return None
-    if not 0 < unix <= _LAST_UNIX:
-        return None
-    whole = parsed.replace(microsecond=0)
-    if value[-1:] == "Z" and whole.replace(tzinfo=None).isoformat() == value[:19]:
-        if len(_ISO_SECONDS) >= _MAX_ISO_SECONDS:
-            _ISO_SECONDS.clear()
-        _ISO_SECONDS[value[:19]] = int(whole.timestamp())
-    return unix
+    return unix if 0 < unix <= _LAST_UNIX else None
 
 
 def _json_problem(value: Any) -> str | None:
