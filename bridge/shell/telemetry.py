@@ -341,7 +341,7 @@ class Telemetry:
 
     def gauges(self, now: float, lag: int | None) -> None:
         """Sample the core's state (every commit interval)."""
-        self.intake_batch_done()  # anything taken outside a fetch (a revived task)
+        self.intake_batch_done()  # a safety net: a fetch cut short says its tasks here
         m, core = self.metrics, self._core
         sample = core.sample(now)
         m.due.set(sample.due)
