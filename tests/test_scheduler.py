@@ -1,10 +1,83 @@
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
 
+from hypothesis import example, given
+from hypothesis import strategies as st
+
 from bridge.core.policy import FixedInterval, retry_delay
-from bridge.core.scheduler import Scheduler, TokenBucket
+from bridge.core.scheduler import FairPools, MinQueue, Scheduler, TokenBucket
 from bridge.core.tasks import Task
+
+# An operation on a scheduler of keys 0..7 at times 0..20: (what, key, time, limit).
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["schedule", "cancel", "take"]),
+        st.integers(0, 7),
+        st.integers(0, 20).map(float),
+        st.integers(0, 4),
+    ),
+    max_size=80,
+)
+
+
+@given(st.lists(st.one_of(st.integers(-50, 50), st.none()), max_size=200))
+def test_min_queue_gives_the_smallest_entry_first_whatever_the_push_order(
+    ops: list[int | None],
+) -> None:
+    """``None`` pops; an integer pushes (with a sequence number, as every entry has)."""
+    q: MinQueue[tuple[int, int]] = MinQueue()
+    model: list[tuple[int, int]] = []
+    seq = itertools.count()
+    for op in ops:
+        if op is None:
+            assert q.peek() == (model[0] if model else None)
+            if model:
+                assert q.pop() == heapq.heappop(model)
+        else:
+            entry = (op, next(seq))
+            q.push(entry)
+            heapq.heappush(model, entry)
+        assert len(q) == len(model)
+    assert [q.pop() for _ in range(len(q))] == sorted(model)
+
+
+_DUE_AGAIN = [("schedule", 0, 0.0, 0), ("take", 0, 0.0, 0), ("schedule", 0, 1.0, 0)]
+
+
+@given(_OPS, st.booleans())
+@example(ops=[*_DUE_AGAIN, ("take", 0, 1.0, 1)], pooled=False)  # due, then due again later
+@example(ops=[*_DUE_AGAIN, ("take", 0, 1.0, 1)], pooled=True)
+def test_scheduler_takes_what_a_plain_model_would_in_any_order_of_schedules(
+    ops: list[tuple[str, int, float, int]], pooled: bool
+) -> None:
+    """Due times out of order, back in time, rescheduled and cancelled: the keys taken are
+    the due ones, oldest due first (then first scheduled), each once; the same through
+    the tenants' pools with one tenant (``pooled``)."""
+    fair = FairPools[int](lambda key: "t", lambda tenant: 1.0, lambda tenant: None)
+    s: Scheduler[int] = Scheduler(fair=fair if pooled else None)
+    due: dict[int, tuple[float, int]] = {}  # key -> (due, order scheduled)
+    order = itertools.count()
+    now = 0.0
+    for what, key, at, limit in ops:
+        if what == "schedule":
+            s.schedule(key, at)
+            due[key] = (at, next(order))
+        elif what == "cancel":
+            s.cancel(key)
+            due.pop(key, None)
+        else:
+            now = max(now, at)  # the clock only moves on
+            ready = sorted((d, k) for k, d in due.items() if d[0] <= now)
+            expected = [(k, d[0]) for d, k in ready[:limit]]
+            assert s.take_due(now, limit) == expected
+            for k, _ in expected:
+                del due[k]
+        assert len(s) == len(due)
+    wake = s.next_wakeup(now)
+    assert wake == (None if not due else max(now, min(d for d, _ in due.values())))
 
 
 def test_due_order_cancel_and_reschedule() -> None:

@@ -3,9 +3,11 @@
 Pure, with time passed in: the daemon calls :meth:`Scheduler.take_due` with the clock's
 ``now`` and the polling benchmark with simulated time, thousands of times faster.
 
-- Tasks wait in a min-heap by due time (one entry per task, stale ones skipped lazily).
+- Tasks wait in a min-queue by due time (one entry per task, stale ones skipped lazily).
 - Once due they move to a pool ordered by the policy's priority; when the request
   budget binds, the most promising polls go first rather than first-come-first-served.
+- Both are :class:`MinQueue`: entries that arrive in order (a poll is scheduled from now
+  on; the fixed policy's priority is its due time) go to a FIFO, the rest to a heap.
 - A token bucket caps requests/s for the whole process; ``pause_until`` stops everything
   (HTTP 429 with Retry-After, or an authentication failure).
 - With tenants (``tenant_of``), each tenant's due keys wait in a pool of their own, and the
@@ -19,10 +21,51 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+E = TypeVar("E", bound=tuple[Any, ...])
+
+
+class MinQueue(Generic[E]):
+    """A min-queue of tuples: a FIFO for the entries pushed in order, a heap for the rest.
+
+    Most entries arrive in order: a poll is scheduled from now on, and due polls are
+    promoted in due order. A FIFO takes those in O(1) and reads them in order, where a heap
+    of 10,000 scattered entries cost ~5 µs a pop in cache misses alone (issue 22). The
+    smallest entry comes out first either way; entries must be totally ordered (a unique
+    sequence number in each)."""
+
+    __slots__ = ("_heap", "_run")
+
+    def __init__(self) -> None:
+        self._heap: list[E] = []
+        self._run: deque[E] = deque()
+
+    def __len__(self) -> int:
+        return len(self._heap) + len(self._run)
+
+    def push(self, entry: E) -> None:
+        run = self._run
+        if not run or entry > run[-1]:
+            run.append(entry)
+        else:
+            heapq.heappush(self._heap, entry)
+
+    def peek(self) -> E | None:
+        heap, run = self._heap, self._run
+        if heap and (not run or heap[0] < run[0]):
+            return heap[0]
+        return run[0] if run else None
+
+    def pop(self) -> E:
+        """The smallest entry, removed (IndexError if empty)."""
+        heap, run = self._heap, self._run
+        if heap and (not run or heap[0] < run[0]):
+            return heapq.heappop(heap)
+        return run.popleft()
 
 
 class TokenBucket:
@@ -111,24 +154,26 @@ class FairPools(Generic[K]):
     def queued(self) -> dict[str, int]:
         return {t: n for t, n in self._queued.items() if n > 0}
 
-    def oldest_due(self, live: set[K]) -> dict[str, float]:
+    def oldest_due(self, live: Mapping[K, int]) -> dict[str, float]:
         """Per tenant, when its longest-waiting due key fell due (a scan: for the gauges)."""
         out: dict[str, float] = {}
         for tenant, pool in self._pools.items():
-            dues = [due for _, _, key, due in pool if key in live]
+            dues = [due for _, seq, key, due in pool if live.get(key) == seq]
             if dues:
                 out[tenant] = min(dues)
         return out
 
-    def take(self, n: int, now: float, live: set[K]) -> list[tuple[K, float]]:
+    def take(self, n: int, now: float, live: dict[K, int]) -> list[tuple[K, float]]:
+        """Up to ``n`` keys; ``live``: each due key's entry (its sequence number), taken
+        out of it here; any other entry is stale."""
         out: list[tuple[K, float]] = []
         capped: list[tuple[float, int, str]] = []
         while len(out) < n and self._tags:
             tag = heapq.heappop(self._tags)
             start, _, tenant = tag
             pool = self._pools[tenant]
-            while pool and pool[0][2] not in live:
-                heapq.heappop(pool)  # stale: cancelled or taken through a duplicate entry
+            while pool and live.get(pool[0][2]) != pool[0][1]:
+                heapq.heappop(pool)  # stale: cancelled, or due again as a newer entry
             if not pool:
                 self._listed.discard(tenant)
                 continue
@@ -137,7 +182,7 @@ class FairPools(Generic[K]):
                 capped.append(tag)  # its own cap: the others go on
                 continue
             _, _, key, due = heapq.heappop(pool)
-            live.discard(key)
+            del live[key]
             del self._tenant[key]
             self._queued[tenant] -= 1
             out.append((key, due))
@@ -183,10 +228,13 @@ class Scheduler(Generic[K]):
         self._priority = priority
         self.budget = budget
         self.fair = fair  # with tenants: one pool each, shared by weighted fair queuing
-        self._timers: list[tuple[float, int, K]] = []
+        self._timers: MinQueue[tuple[float, int, K]] = MinQueue()  # (due, seq, key)
         self._due: dict[K, float] = {}  # key -> due time, while waiting on a timer
-        self._ready: list[tuple[float, int, K, float]] = []  # (-priority, seq, key, due)
-        self._in_ready: set[K] = set()
+        self._ready: MinQueue[tuple[float, int, K, float]] = (
+            MinQueue()
+        )  # (-priority, seq, key, due)
+        # Each due key's entry in the ready queue, by sequence number: any other is stale.
+        self._in_ready: dict[K, int] = {}
         self._seq = itertools.count()
         self.paused_until = float("-inf")
         self.budget_wait_s = 0.0  # time during which due polls waited on the budget alone
@@ -203,17 +251,15 @@ class Scheduler(Generic[K]):
         """Poll ``key`` at ``due``; replaces any earlier schedule for it."""
         self._leave_ready(key)
         self._due[key] = due
-        heapq.heappush(self._timers, (due, next(self._seq), key))
+        self._timers.push((due, next(self._seq), key))
 
     def cancel(self, key: K) -> None:
         self._due.pop(key, None)
         self._leave_ready(key)
 
     def _leave_ready(self, key: K) -> None:
-        if key in self._in_ready:
-            self._in_ready.discard(key)
-            if self.fair is not None:
-                self.fair.discard(key)
+        if self._in_ready.pop(key, None) is not None and self.fair is not None:
+            self.fair.discard(key)
 
     def pause_until(self, until: float) -> None:
         """Hold every poll until ``until`` (a 429's Retry-After, an auth failure).
@@ -232,8 +278,8 @@ class Scheduler(Generic[K]):
 
     def _promote(self, now: float) -> None:
         timers, due = self._timers, self._due
-        while timers and timers[0][0] <= now:
-            when, seq, key = heapq.heappop(timers)
+        while (first := timers.peek()) is not None and first[0] <= now:
+            when, seq, key = timers.pop()
             if due.get(key) != when:
                 continue  # stale: rescheduled or cancelled
             del due[key]
@@ -243,11 +289,12 @@ class Scheduler(Generic[K]):
             if self.fair is not None:
                 self.fair.push((-score, seq, key, when))
             else:
-                heapq.heappush(self._ready, (-score, seq, key, when))
-            self._in_ready.add(key)
+                self._ready.push((-score, seq, key, when))
+            self._in_ready[key] = seq
 
-    def waiting_set(self) -> set[K]:
-        """The keys due and not yet taken (the scheduler's own set: read, never change)."""
+    def waiting_set(self) -> Mapping[K, int]:
+        """The keys due and not yet taken, each with its entry's sequence number (the
+        scheduler's own table: read, never change)."""
         return self._in_ready
 
     def waiting(self) -> list[K]:
@@ -273,12 +320,12 @@ class Scheduler(Generic[K]):
         if self.fair is not None:
             out = self.fair.take(n, now, in_ready)
         while ready and len(out) < n:
-            _, _, key, due = heapq.heappop(ready)
-            if key in in_ready:
-                in_ready.discard(key)
+            _, seq, key, due = ready.pop()
+            if in_ready.get(key) == seq:  # else stale: cancelled, or due again as a newer one
+                del in_ready[key]
                 out.append((key, due))
-        if not in_ready:  # a set never shrinks: drop the table a burst of due polls grew
-            self._in_ready = set()
+        if not in_ready:  # a dict never shrinks: drop the table a burst of due polls grew
+            self._in_ready = {}
         if self.budget is not None and out:
             self.budget.take(len(out), now)
         if n < want:  # due polls held back by the budget alone, from now until the next take
@@ -297,8 +344,8 @@ class Scheduler(Generic[K]):
                 at = max(at, self.fair.capped_until(now) or at)
             return max(at, self.paused_until)
         timers, due = self._timers, self._due
-        while timers and due.get(timers[0][2]) != timers[0][0]:
-            heapq.heappop(timers)
-        if not timers:
+        while (first := timers.peek()) is not None and due.get(first[2]) != first[0]:
+            timers.pop()  # stale
+        if first is None:
             return None
-        return max(timers[0][0], self.paused_until)
+        return max(first[0], self.paused_until)
