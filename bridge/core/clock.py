@@ -6,11 +6,12 @@ The pure core never reads a clock: the shell reads one :class:`Instant` and pass
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
+from bridge.core.value import value
 
-@dataclass(frozen=True, slots=True)
+
+@value
 class Instant:
     """One reading of a clock: ``mono`` orders and measures, ``wall`` is unix seconds."""
 

@@ -14,13 +14,13 @@ import hashlib
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from bridge.core import jsoncodec, tracecontext
 from bridge.core.messages import Headers, safe_text
 from bridge.core.outcomes import FAILED_STATUSES, Prediction
 from bridge.core.tracecontext import Trace
+from bridge.core.value import value
 
 EventType = Literal["completed", "failed", "timeout"]
 EventMode = Literal["structured", "binary"]
@@ -38,7 +38,7 @@ BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time", "
 TRACE_ATTRIBUTES = ("traceparent", "tracestate")
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class OutputRecord:
     topic: str
     key: bytes | None

@@ -8,16 +8,16 @@ happened, which ``bridge.telemetry`` turns into log lines and metrics.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from bridge.core.clock import Instant
 from bridge.core.events import EventType, OutputRecord
 from bridge.core.outcomes import Outcome
 from bridge.core.tasks import Task
 from bridge.core.tracecontext import Trace
+from bridge.core.value import value
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Publish:
     """Produce ``record``; ``reduced`` builds a smaller one if it can never be sent."""
 
@@ -30,14 +30,14 @@ class Publish:
     settle: Callable[[bool], None] | None = None  # set by the shell: ends the send's span
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Consumed:
     task: Task
     partition: int
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Joined:
     """An input record for a task id already being polled: one poll, one event for both."""
 
@@ -46,14 +46,14 @@ class Joined:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Revived:
     """A parked task whose record came back after a rebalance: polled on, history kept."""
 
     task: Task
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Held:
     """A record of a tenant over its share of the in-flight slots: kept, not polled yet."""
 
@@ -62,7 +62,7 @@ class Held:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class HeadersDropped:
     """Input headers not carried to the event: values that are not UTF-8 text."""
 
@@ -71,7 +71,7 @@ class HeadersDropped:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TenantUnknown:
     """A record whose tenant key is missing or unreadable: it is the default tenant's."""
 
@@ -79,7 +79,7 @@ class TenantUnknown:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Skipped:
     """A record fetched again whose event went out before: the offset map said so."""
 
@@ -87,7 +87,7 @@ class Skipped:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DeadLettered:
     partition: int
     offset: int
@@ -95,12 +95,12 @@ class DeadLettered:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DeadLetterDelivered:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Finished:
     """A task reached its outcome; its event is being produced."""
 
@@ -109,7 +109,7 @@ class Finished:
     reason: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Delivered:
     """The broker acknowledged a task's event (or it was given up): the task is done."""
 
@@ -119,7 +119,7 @@ class Delivered:
     at: Instant
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Paused:
     """Every poll waits: a 429, a 401/403 or a Retry-After. ``announce``: the first of a pause."""
 
@@ -130,7 +130,7 @@ class Paused:
     announce: bool
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class PausedByPeer:
     """Every poll waits: another replica of the account saw a 429 or a Retry-After."""
 
@@ -140,7 +140,7 @@ class PausedByPeer:
     by: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Released:
     """Partitions left this member (``why``: revoked or shutdown) after their last commit."""
 
@@ -150,7 +150,7 @@ class Released:
     duplicate_risk: int  # records the next owner will publish again
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Assigned:
     partitions: list[int]
     kept_parked: int
@@ -158,7 +158,7 @@ class Assigned:
     known_finished: int = 0  # offsets the offset maps (or an earlier stay) say are done
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DeliveryApplied:
     """This replica acted on a webhook delivery for a task it tracks: finished it, or
     (``confirm``) polled it at once. ``spared``: polls the schedule would have sent."""
@@ -169,7 +169,7 @@ class DeliveryApplied:
     spared: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DeliveryLate:
     """A delivery for a task a poll had already finished."""
 
@@ -177,7 +177,7 @@ class DeliveryLate:
     webhook_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DeliveryExpired:
     """A remembered delivery whose task never came here; ``mine``: this replica received it."""
 
@@ -186,7 +186,7 @@ class DeliveryExpired:
     mine: bool
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class WebhookFeed:
     """This replica's webhook feed became live (reads every partition of the webhook topic,
     caught up) or stopped being so (``why``). While it is not, polls are not deferred:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from bridge.core import jsoncodec
+from bridge.core.value import value
 
 MAX_TASK_ID_LENGTH = 128
 # Conservative on purpose: no '/', '?', '#', '%', '.' or spaces can reach a URL path.
@@ -43,7 +43,7 @@ DEAD_LETTER_REASONS = (
 Headers = tuple[tuple[str, bytes | None], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Record:
     """A consumed Kafka record, reduced to what the bridge needs."""
 
@@ -56,7 +56,7 @@ class Record:
     timestamp_ms: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TaskRequest:
     task_id: str
     model: str | None = None
@@ -66,7 +66,7 @@ class TaskRequest:
     tenant: object = None  # what the JSON input had at tenants.key's field, if asked
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Rejected:
     reason: str  # a short machine-friendly code
     detail: str

@@ -229,7 +229,8 @@ class Scheduler(Generic[K]):
         self.budget = budget
         self.fair = fair  # with tenants: one pool each, shared by weighted fair queuing
         self._timers: MinQueue[tuple[float, int, K]] = MinQueue()  # (due, seq, key)
-        self._due: dict[K, float] = {}  # key -> due time, while waiting on a timer
+        # Each key waiting on a timer, with its entry's sequence number: any other is stale.
+        self._due: dict[K, int] = {}
         self._ready: MinQueue[tuple[float, int, K, float]] = (
             MinQueue()
         )  # (-priority, seq, key, due)
@@ -250,8 +251,8 @@ class Scheduler(Generic[K]):
     def schedule(self, key: K, due: float) -> None:
         """Poll ``key`` at ``due``; replaces any earlier schedule for it."""
         self._leave_ready(key)
-        self._due[key] = due
-        self._timers.push((due, next(self._seq), key))
+        seq = self._due[key] = next(self._seq)
+        self._timers.push((due, seq, key))
 
     def cancel(self, key: K) -> None:
         self._due.pop(key, None)
@@ -280,12 +281,10 @@ class Scheduler(Generic[K]):
         timers, due = self._timers, self._due
         while (first := timers.peek()) is not None and first[0] <= now:
             when, seq, key = timers.pop()
-            if due.get(key) != when:
+            if due.get(key) != seq:
                 continue  # stale: rescheduled or cancelled
             del due[key]
             score = self._priority(key, when) if self._priority is not None else -when
-            if key in self._in_ready:  # promoted twice (rescheduled while due): once
-                continue
             if self.fair is not None:
                 self.fair.push((-score, seq, key, when))
             else:
@@ -344,7 +343,7 @@ class Scheduler(Generic[K]):
                 at = max(at, self.fair.capped_until(now) or at)
             return max(at, self.paused_until)
         timers, due = self._timers, self._due
-        while (first := timers.peek()) is not None and due.get(first[2]) != first[0]:
+        while (first := timers.peek()) is not None and due.get(first[2]) != first[1]:
             timers.pop()  # stale
         if first is None:
             return None

@@ -22,6 +22,7 @@ from bridge import __version__
 from bridge.config import ApiConfig
 from bridge.core.messages import task_path
 from bridge.core.outcomes import ErrorKind, Kind, Outcome, interpret
+from bridge.core.value import value
 
 log = structlog.get_logger("wavespeed_bridge.api")
 
@@ -34,7 +35,7 @@ _URL_SAFE = ":/?#[]@!$&'()*+,;=%{}~"
 # --- what a transport returns or raises ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Response:
     """A whole response, as :func:`interpret` takes it."""
 
@@ -43,7 +44,7 @@ class Response:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Oversize:
     """A response whose body is over the cap: not read, or not to the end."""
 

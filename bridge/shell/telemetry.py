@@ -65,9 +65,14 @@ class Telemetry:
         """Report facts. A :class:`~bridge.core.facts.Publish` never comes here: the shell
         routes it to the delivery mode."""
         for fact in observed:
+            # Each case is an isinstance check in turn: a task's three facts come first.
             match fact:
                 case facts.Consumed():
                     self._consumed(fact)
+                case facts.Finished():
+                    self._finished(fact)
+                case facts.Delivered():
+                    self._delivered(fact)
                 case facts.Joined():
                     self._joined(fact)
                 case facts.Revived():
@@ -84,10 +89,6 @@ class Telemetry:
                     self._dead_lettered(fact)
                 case facts.DeadLetterDelivered():
                     self._dead_letter_delivered(fact)
-                case facts.Finished():
-                    self._finished(fact)
-                case facts.Delivered():
-                    self._delivered(fact)
                 case facts.Paused():
                     self._paused(fact)
                 case facts.PausedByPeer():
