@@ -213,6 +213,71 @@ async def test_a_trickling_body_is_cut_at_the_total_timeout(sim: Simulator, tran
     assert sim.tasks[task_id].polls == 2
 
 
+@pytest.fixture
+async def slow_server() -> AsyncIterator[str]:
+    """``/late-{ms}``: headers after ``ms`` milliseconds, then the body; ``/stall``: the
+    headers and the first bytes of the body, then nothing."""
+
+    async def late(request: web.Request) -> web.Response:
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        return web.json_response({"code": 200, "data": {"id": "p", "status": "created"}})
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b'{"code": 200')
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/late-{ms}", late)
+    app.router.add_get("/stall", stall)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_the_read_timeout_cuts_late_headers_and_a_stalled_body_not_a_slow_answer(
+    slow_server: str,
+) -> None:
+    """aiohttp's read timeout is the bridge's own (``ReadWatch``, one timer for every
+    request): headers must come within connect + read, then each body byte within read."""
+    client = ApiClient.over_http(
+        base_url=slow_server,
+        result_path="/{id}",
+        api_key=API_KEY,
+        connect_timeout_s=0.5,
+        read_timeout_s=1.0,
+        total_timeout_s=6.0,
+        max_connections=2,
+        max_response_bytes=MAX_BODY,
+    )
+    try:
+
+        async def timed(path: str) -> tuple[Outcome, float]:
+            started = time.monotonic()
+            out = await client.fetch(path, NOW)
+            return out, time.monotonic() - started
+
+        out, took = await timed("stall")  # headers at once, then the body stops
+        assert (out.kind, out.error, out.reason) == (
+            Kind.TRANSIENT,
+            ErrorKind.TIMEOUT,
+            "timeout (ReadTimeout)",
+        )
+        assert 1.0 <= took < 4.0, took  # cut by the read timeout, well before the total
+        out, took = await timed("late-5000")  # no headers within connect + read: cut
+        assert out.reason == "timeout (ReadTimeout)" and 1.5 <= took < 4.0, (out, took)
+        out, took = await timed("late-200")  # slow, but within: answered
+        assert out.kind is Kind.PENDING and took >= 0.2, (out, took)
+    finally:
+        await client.aclose()
+
+
 async def test_garbage_does_not_echo_the_credentials(sim: Simulator) -> None:
     (task_id,) = await sim_create(sim, [{"model": "m", "behaviour": "garbage"}])
     reader, writer = await asyncio.open_connection(sim.host, sim.port)

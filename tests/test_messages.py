@@ -1,11 +1,21 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
-from bridge.core.messages import Rejected, TaskRequest, parse_task, parse_timestamp, task_path
+from bridge.core.messages import (
+    TASK_ID_PATTERN,
+    Rejected,
+    TaskRequest,
+    parse_task,
+    parse_timestamp,
+    task_path,
+)
 from bridge.edges.metrics import DEAD_LETTER_REASONS, Metrics
 
 
@@ -89,7 +99,13 @@ def test_deeply_nested_json_is_rejected_not_crashing() -> None:
     assert isinstance(got, Rejected) and got.reason == "invalid_json"
 
 
-def test_task_path_encodes_and_refuses() -> None:
+@given(st.from_regex(TASK_ID_PATTERN, fullmatch=True))
+def test_a_valid_task_id_is_its_own_percent_encoding(task_id: str) -> None:
+    assert quote(task_id, safe="") == task_id
+    assert task_path("/p/{id}", task_id) == "/p/" + quote(task_id, safe="")
+
+
+def test_task_path_refuses_what_is_not_a_task_id() -> None:
     assert task_path("/api/v3/predictions/{id}", "pred_1") == "/api/v3/predictions/pred_1"
     assert task_path("/api/v3/predictions/{id}/result", "a-b") == "/api/v3/predictions/a-b/result"
     for bad in ("../balance", "x?y=1", "a/b", ""):

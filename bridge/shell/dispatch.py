@@ -62,8 +62,7 @@ class Dispatcher:
                 self._requests += 1
                 lateness.observe(max(0.0, now - due))
                 poll = asyncio.create_task(self._poll(task))
-                self._polls.add(poll)
-                poll.add_done_callback(self._polls.discard)
+                self._polls.add(poll)  # removed by the poll itself: a done callback is a handle
             expired, waiting = core.expire_overdue(clock.read())
             self._effects.apply(expired)
             sweep = SWEEP_INTERVAL_S if waiting else None
@@ -87,6 +86,7 @@ class Dispatcher:
             outcome = await self._api.fetch(task.task_id, self._clock.time(), limit)
         finally:
             self._requests -= 1
+            self._polls.discard(asyncio.current_task())
             self.wake()
         at = self._clock.read()
         if span is not None:
