@@ -10,12 +10,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
+    Decision,
     ParentBased,
     Sampler,
     TraceIdRatioBased,
@@ -337,6 +340,23 @@ def test_a_new_trace_is_sampled_before_any_span_and_a_kept_one_has_the_id_sample
             assert flags == int(spans[trace_id].context.trace_flags)
         else:  # the flags a dropped root span has: a random id, not sampled
             assert trace_id not in spans and flags == 2 and trace_id and span_id
+
+
+@given(
+    st.integers(min_value=1, max_value=(1 << 128) - 1),
+    st.sampled_from([0.0, 0.01, 0.25, 0.5, 1.0]),
+)
+def test_a_ratio_samplers_decision_is_the_sdks_for_every_trace_id(
+    trace_id: int, rate: float
+) -> None:
+    """The ratio sampler's decision is taken without asking the SDK (one comparison): it
+    must be the one the SDK's ``should_sample`` takes, for a new trace and for a parent's."""
+    sampler = TraceIdRatioBased(rate)
+    tracing = Tracing(TracerProvider(sampler=sampler), group="g", input_topic=T, api_url="http://a")
+    sdk = sampler.should_sample(None, trace_id, "n").decision is Decision.RECORD_AND_SAMPLE
+    assert tracing._samples_root(trace_id, "n") is sdk
+    parent = tracecontext.pack(trace_id, 1, 1)
+    assert tracing._samples(parent, "n") is sdk
 
 
 def rec_plain(offset: int) -> Record:

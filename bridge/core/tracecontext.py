@@ -110,7 +110,7 @@ def traceparent(trace: Trace) -> str:
 
 
 def tracestate(trace: Trace) -> str:
-    return unpack(trace)[3]
+    return trace[1] if isinstance(trace, tuple) else ""
 
 
 def ids(trace: Trace) -> tuple[str, str]:
