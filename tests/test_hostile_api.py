@@ -11,6 +11,7 @@ one ``ai.wavespeed.prediction.timeout`` event whose ``data.error`` names the las
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -55,6 +56,43 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "redirect": ("last poll: unexpected redirect (HTTP 302), not followed", "redirect"),
     "garbage": ("last poll: client error (ClientResponseError)", "network"),
 }
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free local port, its base URL; requests still open are cut at the end."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def api_client(
+    base_url: str,
+    *,
+    read_s: float,
+    result_path: str = "/api/v3/predictions/{id}",
+    connect_s: float = 1.0,
+    total_s: float | None = None,
+    transport: str = "aiohttp",
+    connections: int = 2,
+) -> ApiClient:
+    return ApiClient.over_http(
+        base_url=base_url,
+        result_path=result_path,
+        api_key=API_KEY,
+        connect_timeout_s=connect_s,
+        read_timeout_s=read_s,
+        total_timeout_s=total_s,
+        max_connections=connections,
+        max_response_bytes=MAX_BODY,
+        transport=transport,
+    )
 
 
 # --- pure: interpret never raises and never invents a terminal outcome --------------------
@@ -142,13 +180,8 @@ async def odd_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/api/v3/predictions/{id}", retry_after)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
@@ -156,14 +189,10 @@ async def test_odd_retry_after_is_a_transient_error_not_a_missing_task(
     odd_server: str, transport: str
 ) -> None:
     for value in ("²", "9" * 5000):
-        client = ApiClient.over_http(
-            base_url=odd_server,
+        client = api_client(
+            odd_server,
             result_path="/api/v3/predictions/{id}?v=" + value,
-            api_key=API_KEY,
-            connect_timeout_s=1,
-            read_timeout_s=1,
-            max_connections=2,
-            max_response_bytes=MAX_BODY,
+            read_s=1,
             transport=transport,
         )
         try:
@@ -181,17 +210,7 @@ async def test_odd_retry_after_is_a_transient_error_not_a_missing_task(
 async def test_a_trickling_body_is_cut_at_the_total_timeout(sim: Simulator, transport: str) -> None:
     """One byte every 0.2 s never trips a 1 s read timeout; only a total limit ends it."""
     (task_id,) = await sim_create(sim, [{"model": "m", "duration_s": 0, "behaviour": "trickle"}])
-    client = ApiClient.over_http(
-        base_url=sim.base_url,
-        result_path="/api/v3/predictions/{id}",
-        api_key=API_KEY,
-        connect_timeout_s=1,
-        read_timeout_s=1,
-        total_timeout_s=1.5,
-        max_connections=2,
-        max_response_bytes=MAX_BODY,
-        transport=transport,
-    )
+    client = api_client(sim.base_url, read_s=1, total_s=1.5, transport=transport)
     try:
         started = time.monotonic()
         out = await client.fetch(task_id, NOW)
@@ -232,13 +251,8 @@ async def slow_server() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_get("/late-{ms}", late)
     app.router.add_get("/stall", stall)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def test_the_read_timeout_cuts_late_headers_and_a_stalled_body_not_a_slow_answer(
@@ -246,16 +260,7 @@ async def test_the_read_timeout_cuts_late_headers_and_a_stalled_body_not_a_slow_
 ) -> None:
     """aiohttp's read timeout is the bridge's own (``ReadWatch``, one timer for every
     request): headers must come within connect + read, then each body byte within read."""
-    client = ApiClient.over_http(
-        base_url=slow_server,
-        result_path="/{id}",
-        api_key=API_KEY,
-        connect_timeout_s=0.5,
-        read_timeout_s=1.0,
-        total_timeout_s=6.0,
-        max_connections=2,
-        max_response_bytes=MAX_BODY,
-    )
+    client = api_client(slow_server, result_path="/{id}", connect_s=0.5, read_s=1.0, total_s=6.0)
     try:
 
         async def timed(path: str) -> tuple[Outcome, float]:
@@ -312,16 +317,7 @@ async def test_each_hostile_response_is_named_where_it_is_read(
     ids = await sim_create(
         sim, [{"model": "m", "duration_s": 0, "behaviour": b} for b in behaviours]
     )
-    client = ApiClient.over_http(
-        base_url=sim.base_url,
-        result_path="/api/v3/predictions/{id}",
-        api_key=API_KEY,
-        connect_timeout_s=1,
-        read_timeout_s=0.5,
-        max_connections=4,
-        max_response_bytes=MAX_BODY,
-        transport=transport,
-    )
+    client = api_client(sim.base_url, read_s=0.5, transport=transport, connections=4)
     try:
         for task_id, behaviour in zip(ids, behaviours, strict=True):
             out = await client.fetch(task_id, time.time())

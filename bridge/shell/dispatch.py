@@ -2,7 +2,7 @@
 
 One short-lived coroutine per request in flight (at most ``api.max_concurrent_requests``),
 never one per task: a task that is not being polled is just an entry in the scheduler's
-heap. The loop sleeps until the next poll falls due or a request finishes.
+queue. The loop sleeps until the next poll falls due or a request finishes.
 """
 
 from __future__ import annotations
