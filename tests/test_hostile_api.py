@@ -258,7 +258,7 @@ async def slow_server() -> AsyncIterator[str]:
 async def test_the_read_timeout_cuts_late_headers_and_a_stalled_body_not_a_slow_answer(
     slow_server: str,
 ) -> None:
-    """aiohttp's read timeout is the bridge's own (``ReadWatch``, one timer for every
+    """aiohttp's read timeout is the bridge's own (``Deadlines``, one timer for every
     request): headers must come within connect + read, then each body byte within read."""
     client = api_client(slow_server, result_path="/{id}", connect_s=0.5, read_s=1.0, total_s=6.0)
     try:

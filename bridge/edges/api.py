@@ -129,25 +129,25 @@ class HttpOptions:
     verify_tls: bool
 
 
-class ReadWatch:
-    """The read timeout of every aiohttp request in flight, checked every ``LIMIT_CHECK_S``
-    by one timer for them all: a request's headers are due ``first_s`` after it starts
-    (connecting, then waiting), and each next byte of its body ``idle_s`` after the last
-    one came (the stream's byte count, read at each check). aiohttp's own ``sock_read``
-    moves a timer on every chunk: ~9 µs of CPU a request, a twelfth of the bare loop's
-    (issue 22). A request cut here is told apart from any other cancel by :meth:`stop`."""
+class Deadlines:
+    """Cancels each watched request once past its deadline, checked every ``LIMIT_CHECK_S``
+    by one timer for them all: a timer per request (``asyncio.timeout``, aiohttp's
+    ``sock_read`` moved on every chunk) cost ~9 µs of CPU a request (issue 22). With
+    ``idle_s``, a request whose body is being read (:meth:`body`) is due ``idle_s`` after
+    its last byte came (the stream's byte count, read at each check): a read timeout. A
+    request cut here is told apart from any other cancel by :meth:`timed_out`."""
 
-    def __init__(self, first_s: float, idle_s: float) -> None:
-        self._first_s, self._idle_s = first_s, idle_s
+    def __init__(self, idle_s: float = 0.0) -> None:
+        self._idle_s = idle_s
         # task -> [its body's stream once the headers came, bytes seen, when it is cut]
-        self._reads: dict[asyncio.Task[Any], list[Any]] = {}
+        self._watched: dict[asyncio.Task[Any], list[Any]] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, task: asyncio.Task[Any]) -> list[Any]:
+    def start(self, task: asyncio.Task[Any], within_s: float) -> list[Any]:
         loop = asyncio.get_running_loop()
-        entry = self._reads[task] = [None, 0, loop.time() + self._first_s]
+        entry = self._watched[task] = [None, 0, loop.time() + within_s]
         if self._timer is None or self._timer_loop is not loop:
             self._timer, self._timer_loop = loop.call_later(LIMIT_CHECK_S, self._check), loop
         return entry
@@ -158,26 +158,26 @@ class ReadWatch:
         entry[2] = asyncio.get_running_loop().time() + self._idle_s
 
     def timed_out(self, task: asyncio.Task[Any]) -> bool:
-        """For a request cancelled: whether that cancel was this watch's alone (the read
-        timed out); it is taken back if so."""
+        """For a request cancelled: whether that cancel was this watch's alone; it is taken
+        back if so."""
         return task in self._expired and task.uncancel() == 0
 
     def stop(self, task: asyncio.Task[Any]) -> None:
-        self._reads.pop(task, None)
+        self._watched.pop(task, None)
         self._expired.discard(task)
 
     def _check(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         idle_s = self._idle_s
-        for task, entry in self._reads.items():
+        for task, entry in self._watched.items():
             stream = entry[0]
             if stream is not None and stream.total_raw_bytes != entry[1]:
                 entry[1], entry[2] = stream.total_raw_bytes, now + idle_s  # progress
             elif entry[2] <= now and task not in self._expired:
                 self._expired.add(task)
                 task.cancel()
-        self._timer = loop.call_later(LIMIT_CHECK_S, self._check) if self._reads else None
+        self._timer = loop.call_later(LIMIT_CHECK_S, self._check) if self._watched else None
 
     def close(self) -> None:
         if self._timer is not None:
@@ -198,11 +198,11 @@ class AiohttpTransport:
         # normalise a path); task_path fills in an id that is already percent-encoded.
         self.template = quote(options.base_url.rstrip("/") + options.result_path, safe=_URL_SAFE)
         self._session: aiohttp.ClientSession | None = None  # made in the running loop
-        # The read timeout is ours (ReadWatch), the connect timeout aiohttp's: a timer only
-        # when a connection is opened (``connect`` would set one per request).
-        self._reads = ReadWatch(
-            options.connect_timeout_s + options.read_timeout_s, options.read_timeout_s
-        )
+        # The read timeout is ours (Deadlines: headers within connect + read of the start,
+        # then each body byte within read of the last), the connect timeout aiohttp's: a
+        # timer only when a connection is opened (``connect`` would set one per request).
+        self._reads = Deadlines(idle_s=options.read_timeout_s)
+        self._headers_within_s = options.connect_timeout_s + options.read_timeout_s
 
     def _open(self) -> aiohttp.ClientSession:
         o = self._options
@@ -222,7 +222,7 @@ class AiohttpTransport:
         url = yarl.URL(target, encoded=True)  # encoded already: see __init__
         me = asyncio.current_task()
         assert me is not None, "a request runs in a task"
-        watched = self._reads.start(me)
+        watched = self._reads.start(me, self._headers_within_s)
         try:
             async with session.get(url, allow_redirects=False) as response:
                 self._reads.body(watched, response.content)
@@ -357,12 +357,7 @@ class ApiClient:
         self._template = transport.template
         self._total_timeout_s = total_timeout_s
         self._unexpected_logged: set[str] = set()
-        # The total limit of every request in flight, checked by one timer every
-        # LIMIT_CHECK_S: a timer per request (asyncio.timeout) cost 2% of a task's CPU.
-        self._limits: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._checking: asyncio.TimerHandle | None = None
-        self._checking_loop: asyncio.AbstractEventLoop | None = None
+        self._limits = Deadlines()  # the total limit of every request in flight
 
     @classmethod
     def over_http(
@@ -425,20 +420,14 @@ class ApiClient:
         me = asyncio.current_task()
         if limit <= 0 or me is None:
             return _timed_out(limit)
-        loop = asyncio.get_running_loop()
-        self._limits[me] = loop.time() + limit
-        if self._checking is None or self._checking_loop is not loop:
-            self._checking, self._checking_loop = (
-                loop.call_later(LIMIT_CHECK_S, self._check_limits),
-                loop,
-            )
+        self._limits.start(me, limit)
         try:
             got = await self._transport.get(target)
         except TransportError as exc:
             what = "timeout" if exc.error is ErrorKind.TIMEOUT else "network error"
             return Outcome(Kind.TRANSIENT, reason=f"{what} ({exc.name})", error=exc.error)
         except asyncio.CancelledError:
-            if me in self._expired and me.uncancel() == 0:  # ours, and nobody else's
+            if self._limits.timed_out(me):  # ours, and nobody else's
                 return _timed_out(limit)
             raise
         except TimeoutError as exc:  # a transport names its own timeouts
@@ -453,29 +442,13 @@ class ApiClient:
             # Counted with network errors: no usable response came.
             return Outcome(Kind.TRANSIENT, reason=f"client error ({name})", error=ErrorKind.NETWORK)
         finally:
-            del self._limits[me]
-            self._expired.discard(me)
+            self._limits.stop(me)
         if isinstance(got, Oversize):
             return _oversize(got)
         return interpret(got.status, got.retry_after, got.body, now)
 
-    def _check_limits(self) -> None:
-        """Cancel the requests past their limit (each is told apart from any other cancel
-        by ``_expired``); again in LIMIT_CHECK_S while any request is in flight."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for task, limit in self._limits.items():
-            if limit <= now and task not in self._expired:
-                self._expired.add(task)
-                task.cancel()
-        self._checking = (
-            loop.call_later(LIMIT_CHECK_S, self._check_limits) if self._limits else None
-        )
-
     async def aclose(self) -> None:
-        if self._checking is not None:
-            self._checking.cancel()
-            self._checking = None
+        self._limits.close()
         await self._transport.close()
 
 
