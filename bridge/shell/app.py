@@ -43,7 +43,7 @@ from bridge.edges.server import HealthServer
 from bridge.edges.tracing import Tracing
 from bridge.edges.webhook_server import WebhookServer, kafka_publish
 from bridge.shell.at_least_once import AtLeastOnce, Publisher
-from bridge.shell.bounded import StartupTimeout, bounded, startup_limit_s
+from bridge.shell.bounded import StartupTimeout, bounded, cancel_all, startup_limit_s
 from bridge.shell.cluster import Cluster
 from bridge.shell.commits import CommitLoop
 from bridge.shell.delivery import DeliveryMode, Effects
@@ -434,12 +434,12 @@ class Bridge:
         if self._listener is not None:  # a rebalance under way ends before what follows
             await self._listener.close(self.config.shutdown_grace_s / 2)
         # Python 3.11's wait_for can swallow a cancel that races its inner task: the loops
-        # also check their flag, so none runs on regardless.
+        # also check their flag, and a loop still running is cancelled again.
         self._intake.running = self._dispatcher.running = self._committer.running = False
+        if self.cluster is not None:
+            self.cluster.running = False
         self._dispatcher.wake()
-        for t in loops:
-            t.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await cancel_all(loops)
         # Polls under way may still turn into events: let them land, then deliver.
         await self._dispatcher.finish(grace_end - time.monotonic() - 1.0)
         everything = set(self.core.active_partitions())
