@@ -266,18 +266,12 @@ class Tracing:
         """The sampler's decision for a task that came with context ``t``, taken without
         making a span: a parent-based sampler follows the producer's sampled flag (the
         defaults of every ``OTEL_TRACES_SAMPLER`` choice), the others decide by trace id."""
-        assert self._provider is not None
-        sampler = self._provider.sampler
         if self._parent_based:
             return tracecontext.sampled(t)
-        trace_id = tracecontext.unpack(t)[0]
-        if self._ratio_bound is not None:
-            return trace_id & _LOW64 < self._ratio_bound
-        decision = sampler.should_sample(None, trace_id, name, SpanKind.CONSUMER)
-        return decision.decision is self._record_and_sample
+        return self._samples_root(tracecontext.unpack(t)[0], name)
 
     def _samples_root(self, trace_id: int, name: str) -> bool:
-        """The sampler's decision for a span starting a trace (no parent)."""
+        """The sampler's decision by trace id alone, as for a span starting a trace."""
         assert self._provider is not None
         if self._ratio_bound is not None:
             return trace_id & _LOW64 < self._ratio_bound

@@ -433,11 +433,9 @@ class Bridge:
         log.info("stopping", in_flight=len(self.tasks), publishing=len(self.publishing))
         if self._listener is not None:  # a rebalance under way ends before what follows
             await self._listener.close(self.config.shutdown_grace_s / 2)
-        # Python 3.11's wait_for can swallow a cancel that races its inner task: the loops
-        # also check their flag, and a loop still running is cancelled again.
+        # Python 3.11's wait_for can swallow a cancel that races its inner task: cancel_all
+        # cancels a loop still running again (the flags stop these three sooner).
         self._intake.running = self._dispatcher.running = self._committer.running = False
-        if self.cluster is not None:
-            self.cluster.running = False
         self._dispatcher.wake()
         await cancel_all(loops)
         # Polls under way may still turn into events: let them land, then deliver.
