@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,12 +15,37 @@ from typing import Any, Protocol
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+# Ports handed out below the kernel's ephemeral range: a port picked from that range (bind
+# to 0) can be taken by any outgoing connection before the server binds it (seen in CI:
+# "address already in use" for a bridge's metrics port among three replicas' clients).
+_LOWEST_PORT = 20000
+_given: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A local port nobody listens on, outside the ephemeral range and not handed out before
+    by this process, so no connection or earlier pick can take it before it is bound."""
+    top = max(_LOWEST_PORT + 1000, _ephemeral_low())
+    for _ in range(1000):
+        port = random.randrange(_LOWEST_PORT, top)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
         return port
+    raise RuntimeError(f"no free local port in {_LOWEST_PORT}-{top}")
 
 
 @dataclass(frozen=True)
